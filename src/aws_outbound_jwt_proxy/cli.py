@@ -1,0 +1,25 @@
+"""Console entry point: the proxy by default, or a named sub-command."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# name → module whose ``main(argv) -> int`` runs it
+COMMANDS = {
+    "sts-emulator": "aws_outbound_jwt_proxy.emulator.cli",
+    "echo-upstream": "aws_outbound_jwt_proxy.echo",
+    "demo": "aws_outbound_jwt_proxy.demo",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[args[0]])
+        run: Callable[[list[str]], int] = module.main
+        return run(args[1:])
+    from . import serve
+
+    return serve.main(args)

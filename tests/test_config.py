@@ -1,0 +1,148 @@
+"""Config: flags, env fallback, Go durations and one-line validation errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aws_outbound_jwt_proxy import config
+from aws_outbound_jwt_proxy.durations import parse_duration
+from aws_outbound_jwt_proxy.flags import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("1.5s", 1.5),
+        ("0", 0),
+        ("2h45m30s", 9930),
+        ("100us", 1e-4),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "1x", "h", "1h 30m", "ms"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults() -> None:
+    s = config.load([], env={})
+    assert (s.listen_host, s.listen_port) == ("", 8080)
+    assert s.upstream_scheme == "https"
+    assert s.host_header == "X-Upstream-Host"
+    assert s.upstream_timeout == 30
+    assert s.token_audiences == ()
+    assert s.token_signing_algorithm == "RS256"
+    assert s.token_duration == 3600
+    assert s.token_refresh_skew == 300
+    assert s.metrics_enabled is True
+    assert (s.metrics_host, s.metrics_port, s.metrics_path) == ("", 9090, "/metrics")
+    assert s.shutdown_timeout == 10
+    assert s.token_cache_max_entries == 1024
+
+
+def test_flag_wins_over_env() -> None:
+    env = {"UPSTREAM_HOST": "env.example.com", "TOKEN_AUDIENCE": "a,b", "LOG_LEVEL": "debug"}
+    s = config.load(["--upstream-host", "flag.example.com"], env=env)
+    assert s.upstream_host == "flag.example.com"
+    assert s.token_audiences == ("a", "b")
+    assert s.log_level == "debug"
+    s = config.load(["--token-audience", "x", "--token-audience=y"], env=env)
+    assert s.token_audiences == ("x", "y")
+
+
+def test_tags_and_allow_list() -> None:
+    s = config.load(
+        [],
+        env={
+            "TOKEN_TAGS": "team=payments,env=prod",
+            "ALLOWED_UPSTREAM_HOSTS": "*.Example.com,api.other.io:8443",
+        },
+    )
+    assert s.token_tags == (("team", "payments"), ("env", "prod"))
+    assert s.allowed_upstream_hosts == ("*.example.com", "api.other.io:8443")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--upstream-scheme", "ftp"], "--upstream-scheme"),
+        (["--upstream-host", "https://x.example.com"], "--upstream-host"),
+        (["--host-header", ""], "--host-header"),
+        (["--tls-cert", "/etc/hostname"], "--tls-key"),
+        (["--upstream-timeout", "0s"], "--upstream-timeout"),
+        (["--upstream-timeout", "soon"], "--upstream-timeout"),
+        (["--token-signing-algorithm", "HS256"], "--token-signing-algorithm"),
+        (["--token-duration", "59s"], "--token-duration"),
+        (["--token-duration", "61m"], "--token-duration"),
+        (["--token-refresh-skew", "0s"], "--token-refresh-skew"),
+        (["--token-refresh-skew", "1h"], "--token-refresh-skew"),
+        (["--token-audience", ""], "--token-audience"),
+        (["--token-audience", "a b"], "--token-audience"),
+        (["--log-level", "trace"], "--log-level"),
+        (["--log-format", "xml"], "--log-format"),
+        (["--metrics-listen-addr", ""], "--metrics-listen-addr"),
+        (["--metrics-listen-addr", ":8080"], "--metrics-listen-addr"),
+        (["--metrics-path", "metrics"], "--metrics-path"),
+        (["--token-tag", "novalue"], "--token-tag"),
+        (["--token-tag", "a=1", "--token-tag", "a=2"], "--token-tag"),
+        (["--token-cache-max-entries", "0"], "--token-cache-max-entries"),
+        (["--allowed-upstream-hosts", "http://x/"], "--allowed-upstream-hosts"),
+    ],
+)
+def test_validation_names_the_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(argv, env={})
+    assert info.value.flag == flag
+
+
+def test_algorithm_case_insensitive() -> None:
+    assert config.load(["--token-signing-algorithm", "es384"], env={}).token_signing_algorithm == "ES384"
+
+
+def test_cli_config_error_is_one_line_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "aws_outbound_jwt_proxy", "--upstream-scheme", "gopher"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--upstream-scheme" in lines[0]
+
+
+def test_cli_unknown_flag_is_one_line_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "aws_outbound_jwt_proxy", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_help_lists_every_flag_with_env() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "aws_outbound_jwt_proxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for flag in config.PROXY_FLAGS:
+        assert flag.option in proc.stdout
+        assert flag.env in proc.stdout
