@@ -20,6 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args[0]])
         run: Callable[[list[str]], int] = module.main
         return run(args[1:])
+    from . import config, flags
+
+    try:
+        settings = config.load(args)
+    except flags.ConfigError as exc:
+        flags.fail(config.PROG, exc)
+    # Imported only now: a config mistake is reported before the stack loads.
     from . import serve
 
-    return serve.main(args)
+    return serve.main(settings)

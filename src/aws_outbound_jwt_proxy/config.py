@@ -265,9 +265,9 @@ def from_raw(raw: flags.Raw) -> Settings:
     if not metrics_addr:
         raise ConfigError("--metrics-listen-addr", "must not be empty")
     metrics_host, metrics_port = flags.parse_listen_addr("metrics-listen-addr", metrics_addr)
-    if metrics_enabled and (metrics_host, metrics_port) == (listen_host, listen_port):
-        raise ConfigError("--metrics-listen-addr", "must differ from --listen-addr")
-    if metrics_addr == _one(raw, "listen-addr").strip():
+    # Port 0 asks the OS for a free port, so two ":0" addresses never collide.
+    same = (metrics_host, metrics_port) == (listen_host, listen_port)
+    if (same or metrics_addr == _one(raw, "listen-addr").strip()) and metrics_port != 0:
         raise ConfigError("--metrics-listen-addr", "must differ from --listen-addr")
     metrics_path = _one(raw, "metrics-path").strip()
     if not metrics_path.startswith("/"):
