@@ -1,0 +1,149 @@
+"""Pure token timing rules: error classification, refresh time, retry backoff.
+
+No I/O, no clocks, no randomness of its own: callers pass ``now`` (seconds on
+one clock) and a uniform random number in [0, 1), so every rule is a plain
+function that unit tests can pin down exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Codes compared with any trailing "Exception" removed (STS sends both forms).
+PERMANENT_CODES = frozenset(
+    {
+        "AccessDenied",
+        "OutboundWebIdentityFederationDisabled",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "JWTPayloadSizeExceeded",
+        "SessionDurationEscalation",
+        "ValidationError",
+        "InvalidParameter",
+        "NoCredentials",
+    }
+)
+TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalError",
+        "InternalServerError",
+        "RequestTimeout",
+        "IDPCommunicationError",
+        "PriorRequestNotComplete",
+        "transport",
+        "timeout",
+    }
+)
+
+TRANSPORT = "transport"  # connect/read failures, timeouts, TLS errors: no AWS code
+UNKNOWN = "unknown"
+
+BACKOFF_BASE = 1.0  # first transient retry within ~1 s
+BACKOFF_CAP = 60.0  # transient retries never wait longer than this
+BACKOFF_FLOOR = 0.1  # full jitter, but never a zero-delay retry
+PERMANENT_MIN = 30.0  # permanent errors retry slowly: 30..60 s
+PERMANENT_MAX = 60.0
+THROTTLE_BASE = 2.0  # throttling starts one doubling later than other transient errors
+EXPIRED_RETRY_CAP = 5.0  # no valid token and requests asking: retry at least this often
+LAST_TRY_MARGIN = 1.0  # "one last attempt" lands this long before exp
+REFRESH_JITTER_FRACTION = 0.1  # refresh up to 10 % of the skew early ...
+REFRESH_JITTER_MAX = 30.0  # ... but at most 30 s
+MIN_REFRESH_GAP = 1.0  # never refresh sooner than this after a fetch
+SHORT_TOKEN_FRACTION = 0.25  # a token shorter than the skew is refreshed after this part of its life
+
+_CODE_CHARS = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def base_code(code: str) -> str:
+    """``FooException`` and ``Foo`` are the same error for classification."""
+    if code.endswith("Exception") and len(code) > len("Exception"):
+        return code[: -len("Exception")]
+    return code
+
+
+def error_class(code: str | None) -> str:
+    """A label-safe error class: the AWS code as sent, ``transport`` when none."""
+    if not code:
+        return TRANSPORT
+    return code if _CODE_CHARS.match(code) else UNKNOWN
+
+
+def is_transient(code: str, status: int | None) -> bool:
+    """Transient: throttling, 5xx, transport, timeouts. Permanent: policy, credentials, payload.
+
+    Codes we do not know are judged by status: 5xx / 429 / none → transient,
+    other 4xx → permanent (a client error does not fix itself quickly).
+    """
+    base = base_code(code)
+    if base in PERMANENT_CODES:
+        return False
+    if base in TRANSIENT_CODES or base.startswith("Throttl"):
+        return True
+    if status is None:
+        return True
+    return status >= 500 or status == 429
+
+
+def is_throttle(code: str) -> bool:
+    base = base_code(code)
+    return base.startswith("Throttl") or base in ("TooManyRequests", "RequestLimitExceeded")
+
+
+def refresh_at(now: float, exp: float, skew: float, rand: float) -> float:
+    """When to refresh a token fetched at ``now`` that expires at ``exp``.
+
+    ``exp - skew`` minus a small jitter (up to 10 % of the skew, at most 30 s)
+    so many sets fetched together do not refresh in lockstep. A token that
+    lives about as long as the skew or shorter (STS may cut it to the caller's
+    session) is refreshed a quarter of the way through its life, leaving the
+    rest for retries, and never sooner than 1 s after the fetch: a short-lived
+    token never causes a tight loop.
+    """
+    jitter = rand * min(skew * REFRESH_JITTER_FRACTION, REFRESH_JITTER_MAX)
+    return max(exp - skew - jitter, now + (exp - now) * SHORT_TOKEN_FRACTION, now + MIN_REFRESH_GAP)
+
+
+def backoff(failures: int, transient: bool, rand: float, throttled: bool = False) -> float:
+    """Delay before retry number ``failures`` (1 = first retry after one failure).
+
+    Transient: exponential with full jitter, ~1 s doubling to a 60 s cap.
+    Permanent: 30..60 s whatever the count.
+    """
+    if not transient:
+        return PERMANENT_MIN + rand * (PERMANENT_MAX - PERMANENT_MIN)
+    base = THROTTLE_BASE if throttled else BACKOFF_BASE
+    ceiling = min(BACKOFF_CAP, base * 2.0 ** min(max(failures - 1, 0), 30))
+    return max(BACKOFF_FLOOR, rand * ceiling)
+
+
+def retry_at(now: float, delay: float, exp: float | None, requested: bool) -> float:
+    """Absolute time of the next attempt after a failure at ``now``.
+
+    ``exp`` is the expiry of the token still held (None if none). While it is
+    valid, a retry that would land after it is moved to just before it: one
+    last attempt while the token can still be served. Once no valid token
+    remains and requests keep asking (``requested``), retries are at most
+    5 s apart so recovery is noticed within seconds.
+    """
+    at = now + delay
+    if exp is not None and now < exp:
+        last = exp - LAST_TRY_MARGIN
+        if at > last and now < last:  # past ``last`` means the last attempt was this one
+            at = max(last, now + BACKOFF_FLOOR)
+        if at >= exp and requested:
+            at = min(at, exp + EXPIRED_RETRY_CAP)
+        return at
+    if requested:
+        at = min(at, now + EXPIRED_RETRY_CAP)
+    return at
+
+
+def pull_in(due: float, failed_at: float) -> float:
+    """A request found no valid token: the next retry is at most 5 s after the last failure."""
+    return min(due, failed_at + EXPIRED_RETRY_CAP)
