@@ -1,16 +1,185 @@
-"""Run the proxy: one root nursery owning listeners and the token supervisor."""
+"""Run the proxy: one root nursery owns the listeners and the token supervisor.
+
+Sockets are bound before anything starts, so a port in use is a one-line
+start-up error naming the address. SIGTERM/SIGINT stop accepting, give
+in-flight requests ``--shutdown-timeout`` to finish, then cancel the rest.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from . import config, flags, logs
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from . import flags, health, logs, metrics, sts, tokens
+from .app import create_app
+from .config import Settings
+
+log = logging.getLogger("aws_outbound_jwt_proxy.serve")
+
+EXIT_STARTUP = 1
 
 
-def main(argv: Sequence[str]) -> int:
+class StartupError(Exception):
+    """Start-up failed for a reason an operator can fix (the message says how)."""
+
+
+def hypercorn_config(
+    host: str,
+    port: int,
+    *,
+    certfile: str = "",
+    keyfile: str = "",
+    graceful_timeout: float = 10.0,
+) -> HyperConfig:
+    """hypercorn settings for a proxy: no request cap per connection, no own headers."""
+    cfg = HyperConfig()
+    cfg.bind = [flags.bind_string(host, port)]
+    if certfile:
+        cfg.certfile = certfile
+        cfg.keyfile = keyfile
+    cfg.alpn_protocols = ["h2", "http/1.1"]
+    cfg.graceful_timeout = graceful_timeout
+    # hypercorn closes connections after 1,000 requests by default; a proxy must not.
+    cfg.keep_alive_max_requests = sys.maxsize
+    cfg.keep_alive_timeout = 75
+    # The upstream's Server/Date pass through; don't add a second copy.
+    cfg.include_server_header = False
+    cfg.include_date_header = False
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    return cfg
+
+
+def bind(cfg: HyperConfig, what: str) -> Sockets:
+    """Bind (and listen on) the configured address, or raise StartupError naming it."""
     try:
-        settings = config.load(argv)
-    except flags.ConfigError as exc:
-        flags.fail(config.PROG, exc)
+        sockets = cfg.create_sockets()
+    except OSError as exc:
+        raise StartupError(f"{what}: cannot listen on {', '.join(cfg.bind)}: {exc.strerror or exc}") from None
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(f"{what}: TLS certificate/key: {exc}") from None
+    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+        sock.listen(cfg.backlog)
+    return sockets
+
+
+async def serve_app(
+    app: Any,
+    cfg: HyperConfig,
+    sockets: Sockets,
+    shutdown: Callable[[], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve one ASGI app on pre-bound sockets until ``shutdown`` returns."""
+    await worker_serve(
+        wrap_app(app, cfg.wsgi_max_body_size, None),
+        cfg,
+        sockets=sockets,
+        shutdown_trigger=shutdown,
+        task_status=task_status,
+    )
+
+
+async def _wait_for_signal(stop: trio.Event, readiness: health.Readiness, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                readiness.draining()
+                stop.set()
+            else:  # a second signal: stop waiting for in-flight requests
+                cancel.cancel()
+                return
+
+
+async def run(
+    settings: Settings,
+    fetcher: sts.StsFetcher,
+    *,
+    stop: trio.Event | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT); started() gets the proxy URLs."""
+    stop = stop or trio.Event()
+    proxy_cfg = hypercorn_config(
+        settings.listen_host,
+        settings.listen_port,
+        certfile=settings.tls_cert,
+        keyfile=settings.tls_key,
+        graceful_timeout=settings.shutdown_timeout,
+    )
+    # Bind everything first: a port in use stops start-up before anything runs.
+    proxy_sockets = bind(proxy_cfg, "--listen-addr")
+    m: metrics.Metrics | metrics.NullMetrics = metrics.NullMetrics()
+    if settings.metrics_enabled:
+        metrics_cfg = hypercorn_config(settings.metrics_host, settings.metrics_port)
+        metrics_sockets = bind(metrics_cfg, "--metrics-listen-addr")
+        m = metrics.Metrics()
+
+    supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
+    readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
+    app = create_app(settings, supervisor, observer=m)
+
+    try:
+        async with trio.open_nursery() as root:
+            if handle_signals:
+                root.start_soon(_wait_for_signal, stop, readiness, root.cancel_scope)
+            await root.start(supervisor.run)
+            if isinstance(m, metrics.Metrics):
+                m.watch(supervisor.snapshot)
+                metrics_app = metrics.create_app(m, readiness, settings.metrics_path)
+                # Keeps answering (/readyz: 503 draining) until the proxy is done.
+                mbinds = await root.start(
+                    serve_app, metrics_app, metrics_cfg, metrics_sockets, trio.sleep_forever
+                )
+                log.info("metrics listening", extra={"addresses": mbinds, "path": settings.metrics_path})
+
+            async def proxy(task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await serve_app(app, proxy_cfg, proxy_sockets, stop.wait, task_status=task_status)
+                finally:
+                    # The proxy listener is done (drained or cancelled): stop everything else.
+                    root.cancel_scope.cancel()
+
+            binds = await root.start(proxy)
+            readiness.listening()
+            log.info(
+                "proxy listening",
+                extra={
+                    "addresses": binds,
+                    "mode": "pinned" if settings.pinned else f"header {settings.host_header}",
+                    "audience": "static" if settings.token_audiences else "dynamic",
+                },
+            )
+            if not settings.pinned and not settings.allowed_upstream_hosts:
+                log.warning("no --allowed-upstream-hosts: any client can have tokens minted for any host")
+            task_status.started(binds)
+    finally:
+        m.close()
+
+
+def main(settings: Settings) -> int:
+    """Run the proxy with validated settings; the process exit status."""
     logs.setup(settings.log_level, settings.log_format)
-    raise NotImplementedError("serving lands with the core proxy")
+    try:
+        fetcher = sts.build_fetcher()
+        trio.run(run, settings, fetcher)
+    except (StartupError, sts.StsSetupError) as exc:
+        log.error(f"start-up failed: {exc}")
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped")
+    return 0

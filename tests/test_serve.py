@@ -1,0 +1,362 @@
+"""The real proxy process end to end: emulator as STS, verifying echo as upstream.
+
+Covers serving (console script, ``python -m``, the ``hypercorn`` command),
+TLS + HTTP/2, h2c, graceful shutdown, start-up errors and the log contract.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.fixtures.echo import EchoFactory
+from tests.fixtures.emulator import StsEmulator
+from tests.fixtures.process import ProxyFactory, base_env
+
+AUD = "http://127.0.0.1"  # dynamic audience of any http://127.0.0.1:<port> target
+
+
+def _bearer(echo_doc: dict[str, Any]) -> str:
+    values = [v for n, v in echo_doc["headers"] if n.lower() == "authorization"]
+    assert len(values) == 1, echo_doc["headers"]
+    return str(values[0])
+
+
+def test_verified_request_end_to_end(
+    sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http", "--log-level", "debug"],
+        base_env(sts_emulator.env),
+    )
+    resp = httpx.get(
+        f"{proxy.url}/v1/items%2Fa//b?x=1&x=2",
+        headers={"Authorization": "Basic c2VjcmV0", "X-Trace": "t1"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert doc["target"] == "/v1/items%2Fa//b?x=1&x=2"
+    assert doc["claims"]["aud"] == AUD
+    assert doc["claims"]["iss"] == sts_emulator.issuer
+    bearer = _bearer(doc)
+    assert bearer.startswith("Bearer ey")
+    token = bearer.split(" ", 1)[1]
+
+    rec = proxy.wait_for(lambda r: r.get("msg") == "request" and r.get("status") == 200)
+    assert rec["method"] == "GET"
+    assert rec["path"] == "/v1/items%2Fa//b"
+    assert rec["target"] == echo.host
+    assert isinstance(rec["duration_ms"], (int, float))
+    # Every stderr line is one JSON object (hypercorn's own lines included),
+    # and neither the JWT nor the AWS secret appears anywhere, even at debug.
+    records = proxy.records()
+    assert any("Running on" in r.get("msg", "") for r in records)
+    text = "\n".join(proxy.lines)
+    assert token not in text
+    assert token.split(".")[2] not in text
+    assert sts_emulator.secret_key not in text
+    assert "c2VjcmV0" not in text
+
+
+def test_bogus_credentials_give_502_token_unavailable(
+    sts_emulator_strict: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    echo = echo_upstream(sts_emulator_strict.issuer, AUD)
+    env = base_env(sts_emulator_strict.env)
+    env["AWS_SECRET_ACCESS_KEY"] = "definitely-wrong"
+    proxy = proxy_process(["--upstream-host", echo.host, "--upstream-scheme", "http"], env)
+    resp = httpx.get(f"{proxy.url}/secret", timeout=30)
+    assert resp.status_code == 502
+    assert resp.text.strip() == "token unavailable"
+    err = proxy.wait_for(lambda r: r.get("level") == "error" and "error_class" in r)
+    assert err["error_class"] == "SignatureDoesNotMatch"
+    assert "definitely-wrong" not in "\n".join(proxy.lines)
+    # The upstream was never called.
+    assert not [r for r in echo.records() if r.get("target") == "/secret"]
+
+
+class _Held(http.server.BaseHTTPRequestHandler):
+    """Answers only once the test releases it: an in-flight request on demand."""
+
+    arrived: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.arrived.set()
+        self.release.wait(30)
+        body = b"finished"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def held_upstream() -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    arrived, release = threading.Event(), threading.Event()
+    handler = type("Handler", (_Held,), {"arrived": arrived, "release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", arrived, release
+    release.set()
+    server.shutdown()
+
+
+def test_sigterm_drains_in_flight_then_exits_0(
+    sts_emulator: StsEmulator,
+    held_upstream: tuple[str, threading.Event, threading.Event],
+    proxy_process: ProxyFactory,
+) -> None:
+    host, arrived, release = held_upstream
+    proxy = proxy_process(
+        ["--upstream-host", host, "--upstream-scheme", "http", "--token-audience", "https://drain.example"],
+        base_env(sts_emulator.env),
+    )
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["resp"] = httpx.get(f"{proxy.url}/slow", timeout=30)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert arrived.wait(20), "request never reached the upstream"
+    proxy.proc.send_signal(15)
+    proxy.wait_for(lambda r: r.get("msg") == "shutting down")
+    # New connections are refused once shutdown began.
+    port = int(proxy.url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "listener still accepting after SIGTERM"
+        time.sleep(0.05)
+    assert proxy.proc.poll() is None, "exited before the in-flight request finished"
+    release.set()
+    caller.join(20)
+    assert result["resp"].status_code == 200
+    assert result["resp"].text == "finished"
+    assert proxy.proc.wait(20) == 0
+
+
+def test_shutdown_timeout_bounds_the_wait(
+    sts_emulator: StsEmulator,
+    held_upstream: tuple[str, threading.Event, threading.Event],
+    proxy_process: ProxyFactory,
+) -> None:
+    host, arrived, _release = held_upstream
+    proxy = proxy_process(
+        ["--upstream-host", host, "--upstream-scheme", "http", "--shutdown-timeout", "1s"],
+        base_env(sts_emulator.env),
+    )
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(httpx.get(f"{proxy.url}/stuck", timeout=30).status_code)
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert arrived.wait(20)
+    started = time.monotonic()
+    assert proxy.stop() == 0
+    assert time.monotonic() - started < 8
+    caller.join(10)
+    # The request that outlived --shutdown-timeout was cut, not answered.
+    assert outcome and isinstance(outcome[0], httpx.HTTPError), outcome
+
+
+def test_port_in_use_is_a_startup_error(sts_emulator: StsEmulator, proxy_process: ProxyFactory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        proxy = proxy_process(
+            ["--listen-addr", addr, "--upstream-host", "x.example"], base_env(sts_emulator.env), wait=False
+        )
+        assert proxy.proc.wait(30) == 1
+        errors = [r for r in proxy.records() if r.get("level") == "error"]
+        assert errors and addr in errors[-1]["msg"]
+
+
+def test_metrics_port_in_use_is_a_startup_error(
+    sts_emulator: StsEmulator, proxy_process: ProxyFactory
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        proxy = proxy_process(
+            ["--metrics-listen-addr", addr, "--upstream-host", "x.example"],
+            base_env(sts_emulator.env),
+            wait=False,
+        )
+        assert proxy.proc.wait(30) == 1
+        errors = [r for r in proxy.records() if r.get("level") == "error"]
+        assert errors and addr in errors[-1]["msg"] and "--metrics-listen-addr" in errors[-1]["msg"]
+
+
+def test_text_log_format(
+    sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http", "--log-format", "text"],
+        base_env(sts_emulator.env),
+        wait=False,
+    )
+    deadline = time.monotonic() + 30
+    url = ""
+    while not url:
+        assert time.monotonic() < deadline and proxy.proc.poll() is None, proxy.lines
+        for line in list(proxy.lines):
+            if "proxy listening" in line and "addresses=" in line:
+                url = line.split("http://", 1)[1].split("'", 1)[0].split('"', 1)[0].rstrip("]")
+        time.sleep(0.05)
+    resp = httpx.get(f"http://{url}/t", timeout=30)
+    assert resp.status_code == 200
+    deadline = time.monotonic() + 10
+    while not any(" request " in f" {line} " and "status=200" in line for line in proxy.lines):
+        assert time.monotonic() < deadline, proxy.lines
+        time.sleep(0.05)
+    line = next(line for line in proxy.lines if "status=200" in line)
+    assert "method=GET" in line and "path=/t" in line and "duration_ms=" in line
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_listener_speaks_h2_and_http11(
+    tmp_path: Path, sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        [
+            "--upstream-host",
+            echo.host,
+            "--upstream-scheme",
+            "http",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+        ],
+        base_env(sts_emulator.env),
+    )
+    assert proxy.url.startswith("https://")
+    ctx = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(http2=True, verify=ctx, timeout=30) as client:
+        resp = client.get(f"{proxy.url}/h2")
+    assert resp.status_code == 200 and resp.http_version == "HTTP/2"
+    assert resp.json()["claims"]["aud"] == AUD
+    with httpx.Client(verify=ctx, timeout=30) as client:
+        resp = client.get(f"{proxy.url}/h1")
+    assert resp.status_code == 200 and resp.http_version == "HTTP/1.1"
+
+
+def test_h2c_prior_knowledge(
+    sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
+    )
+    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+        resp = client.get(f"{proxy.url}/h2c")
+    assert resp.status_code == 200 and resp.http_version == "HTTP/2"
+    assert resp.json()["claims"]["aud"] == AUD
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_hypercorn_command_serves_the_same_app(sts_emulator: StsEmulator, echo_upstream: EchoFactory) -> None:
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    port = _free_port()
+    env = base_env(sts_emulator.env)
+    env.update({"UPSTREAM_HOST": echo.host, "UPSTREAM_SCHEME": "http", "METRICS_ENABLED": "false"})
+    hypercorn = Path(sys.executable).with_name("hypercorn")
+    proc = subprocess.Popen(
+        [
+            str(hypercorn),
+            "--worker-class",
+            "trio",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "aws_outbound_jwt_proxy.asgi:app",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = httpx.get(f"http://127.0.0.1:{port}/via-hypercorn", timeout=30)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, "hypercorn exited"
+                assert time.monotonic() < deadline, "hypercorn never served"
+                time.sleep(0.1)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["claims"]["aud"] == AUD
+    finally:
+        proc.terminate()
+        proc.wait(20)
