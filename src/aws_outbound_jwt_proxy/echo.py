@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from quart_trio import QuartTrio
 from . import flags, logs
 from .durations import parse_duration
 from .flags import ConfigError, Flag
+from .running import run
 from .verify import InvalidToken, KeysUnavailable, Verifier
 
 log = logging.getLogger(__name__)
@@ -271,34 +271,11 @@ async def serve(options: Options, *, task_status: trio.TaskStatus[str] = trio.TA
             task_status.started(url)
 
 
-async def _run(options: Options) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-        await nursery.start(serve, options)
-
-
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            scope.cancel()
-            return
-
-
 def main(argv: list[str]) -> int:
     try:
         options, level, fmt = load(argv, os.environ)
     except ConfigError as exc:
         flags.fail(PROG, exc)
     logs.setup(level, fmt)
-    status = 0
-    try:
-        trio.run(_run, options)
-    except* OSError as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        addr = flags.bind_string(options.host, options.port)
-        log.error("echo upstream failed", extra={"addr": addr, "error": str(error)})
-        status = 1
-    return status
+    addr = flags.bind_string(options.host, options.port)
+    return run(log, serve, options, addr=addr, errors=(OSError,), failed="echo upstream failed")

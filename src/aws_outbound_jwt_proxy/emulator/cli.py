@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import trio
 from joserfc.errors import JoseError
 
 from .. import flags, logs
 from ..flags import ConfigError, Flag
+from ..running import run
 from .app import EmulatorOptions
 from .server import serve
 
@@ -75,34 +74,13 @@ def load(argv: Sequence[str], env: Mapping[str, str]) -> tuple[EmulatorOptions, 
     return options, level, fmt
 
 
-async def _run(options: EmulatorOptions) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-        await nursery.start(serve, options)
-
-
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            scope.cancel()
-            return
-
-
 def main(argv: list[str]) -> int:
     try:
         options, level, fmt = load(argv, os.environ)
     except ConfigError as exc:
         flags.fail(PROG, exc)
     logs.setup(level, fmt)
-    status = 0
-    try:
-        trio.run(_run, options)
-    except* (OSError, ValueError, JoseError) as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        addr = flags.bind_string(options.host, options.port)
-        log.error("sts emulator failed", extra={"addr": addr, "error": str(error)})
-        status = 1
-    return status
+    addr = flags.bind_string(options.host, options.port)
+    return run(
+        log, serve, options, addr=addr, errors=(OSError, ValueError, JoseError), failed="sts emulator failed"
+    )
