@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,40 @@ def test_help_lists_every_flag_with_env() -> None:
     for flag in config.PROXY_FLAGS:
         assert flag.option in proc.stdout
         assert flag.env in proc.stdout
+
+
+@pytest.mark.parametrize("value", ["a..b", "[:::]", "-foo", "host:0", "a b", "user@host"])
+def test_upstream_host_checked_like_the_routing_header(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load([f"--upstream-host={value}"], env={})
+    assert info.value.flag == "--upstream-host"
+
+
+def test_unloadable_tls_pair_and_ca_file_are_config_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(["--tls-cert", str(junk), "--tls-key", str(junk)], env={})
+    assert info.value.flag == "--tls-cert"
+    with pytest.raises(ConfigError) as info:
+        config.load(["--upstream-ca-file", str(junk)], env={})
+    assert info.value.flag == "--upstream-ca-file"
+
+
+def test_empty_item_in_env_list_is_an_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load([], env={"TOKEN_AUDIENCE": "a,,b"})
+    assert info.value.flag == "--token-audience"
+    assert config.load([], env={"TOKEN_AUDIENCE": ""}).token_audiences == ()
+
+
+def test_allow_list_flag_takes_comma_lists_too() -> None:
+    s = config.load(
+        ["--allowed-upstream-hosts", "a.example,*.b.example", "--allowed-upstream-hosts", "c"], env={}
+    )
+    assert s.allowed_upstream_hosts == ("a.example", "*.b.example", "c")
+
+
+def test_metrics_address_may_equal_listen_address_when_disabled() -> None:
+    s = config.load(["--metrics-enabled=false", "--metrics-listen-addr", ":8080"], env={})
+    assert s.metrics_enabled is False

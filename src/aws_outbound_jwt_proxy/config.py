@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -78,7 +79,6 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("json", "text")
 ALGORITHMS = ("RS256", "ES384")
 
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?$")
 _TAG_KEY = re.compile(r"^[\w+=,.@:/-]{1,128}$")
 
 
@@ -149,12 +149,32 @@ def _positive_int(raw: flags.Raw, name: str) -> int:
 def validate_upstream_host(value: str) -> str:
     if "://" in value:
         raise ConfigError("--upstream-host", f"must be host[:port] without a scheme, got {value!r}")
-    if not _HOSTPORT.match(value):
-        raise ConfigError("--upstream-host", f"must be host[:port], got {value!r}")
-    port = value.rpartition(":")[2] if not value.endswith("]") and ":" in value else ""
-    if port and not 1 <= int(port) <= 65535:
-        raise ConfigError("--upstream-host", f"invalid port in {value!r}")
+    from .routing import parse_authority  # routing imports Settings from here
+
+    try:
+        parse_authority("https", value)
+    except ValueError as exc:
+        raise ConfigError("--upstream-host", f"must be host[:port]: {exc}, got {value!r}") from None
     return value
+
+
+def _ca_file(path: str) -> str:
+    if not path:
+        return path
+    if not os.path.isfile(path):
+        raise ConfigError("--upstream-ca-file", f"file not found: {path}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError("--upstream-ca-file", f"not a PEM certificate bundle: {path} ({exc})") from None
+    return path
+
+
+def _tls_pair(cert: str, key: str) -> None:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError("--tls-cert", f"cannot load certificate/key pair: {exc}") from None
 
 
 def _tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -178,7 +198,8 @@ def _tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def _allowed_hosts(values: Sequence[str]) -> tuple[str, ...]:
     out: list[str] = []
-    for item in values:
+    # Repeatable, and each value may itself be a comma list (as in the env var).
+    for item in (part for value in values for part in value.split(",")):
         pattern = item.strip().lower()
         body = pattern[2:] if pattern.startswith("*.") else pattern
         if not body or "*" in body or "/" in body or any(c.isspace() for c in body):
@@ -215,6 +236,8 @@ def from_raw(raw: flags.Raw) -> Settings:
     for name, path in (("tls-cert", tls_cert), ("tls-key", tls_key)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"--{name}", f"file not found: {path}")
+    if tls_cert:
+        _tls_pair(tls_cert, tls_key)
 
     upstream_timeout = _duration(raw, "upstream-timeout")
     if upstream_timeout <= 0:
@@ -225,9 +248,6 @@ def from_raw(raw: flags.Raw) -> Settings:
         if aud == "" or any(c.isspace() for c in aud):
             raise ConfigError("--token-audience", f"empty or contains whitespace: {aud!r}")
         audiences.append(aud)
-    # An explicitly empty repeatable flag (--token-audience '') is an error too.
-    if raw.get("token-audience") == [""]:
-        raise ConfigError("--token-audience", "must not be empty")
 
     algorithm = _one(raw, "token-signing-algorithm").strip().upper()
     if algorithm not in ALGORITHMS:
@@ -247,9 +267,7 @@ def from_raw(raw: flags.Raw) -> Settings:
     if shutdown_timeout < 0:
         raise ConfigError("--shutdown-timeout", "must be >= 0")
 
-    ca_file = _one(raw, "upstream-ca-file").strip()
-    if ca_file and not os.path.isfile(ca_file):
-        raise ConfigError("--upstream-ca-file", f"file not found: {ca_file}")
+    ca_file = _ca_file(_one(raw, "upstream-ca-file").strip())
 
     level = _one(raw, "log-level").strip().lower()
     if level == "warning":
@@ -267,7 +285,8 @@ def from_raw(raw: flags.Raw) -> Settings:
     metrics_host, metrics_port = flags.parse_listen_addr("metrics-listen-addr", metrics_addr)
     # Port 0 asks the OS for a free port, so two ":0" addresses never collide.
     same = (metrics_host, metrics_port) == (listen_host, listen_port)
-    if (same or metrics_addr == _one(raw, "listen-addr").strip()) and metrics_port != 0:
+    clash = same or metrics_addr == _one(raw, "listen-addr").strip()
+    if metrics_enabled and clash and metrics_port != 0:
         raise ConfigError("--metrics-listen-addr", "must differ from --listen-addr")
     metrics_path = _one(raw, "metrics-path").strip()
     if not metrics_path.startswith("/"):

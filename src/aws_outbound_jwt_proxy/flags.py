@@ -139,8 +139,14 @@ def parse(
 
 
 def split_list(value: str) -> list[str]:
-    """``"a, b,,c"`` → ``["a", "b", "c"]``; empty string → ``[]``."""
-    return [part.strip() for part in value.split(",") if part.strip() != ""]
+    """``"a, b"`` → ``["a", "b"]``; an empty string → ``[]``.
+
+    Empty items are kept (``"a,,b"`` → ``["a", "", "b"]``) so validation can
+    reject them instead of silently dropping what may be a typo.
+    """
+    if value.strip() == "":
+        return []
+    return [part.strip() for part in value.split(",")]
 
 
 def parse_bool(flag: str, value: str) -> bool:

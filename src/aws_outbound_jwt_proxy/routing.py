@@ -149,7 +149,7 @@ class Router:
             self.pinned = parse_authority(self.scheme, settings.upstream_host)
         # ``Host`` mode reads the request's own Host; hypercorn maps h2 :authority to it.
         self.header = settings.host_header.lower().encode("latin-1")
-        self.missing_body = f"no upstream: set --upstream-host or send the {settings.host_header} header\n"
+        self.missing_body = f"no upstream: set --upstream-host or send the header {settings.host_header}\n"
 
     def resolve(self, headers: Iterable[tuple[bytes, bytes]]) -> Target:
         if self.pinned is not None:
