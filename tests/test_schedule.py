@@ -79,6 +79,8 @@ def test_refresh_at_short_token_waits_a_quarter_of_its_life() -> None:
     assert schedule.refresh_at(100.0, 160.0, 300.0, 0.5) == pytest.approx(115.0)
     # Skew a bit shorter than the life: exp - skew still wins when it is later.
     assert schedule.refresh_at(100.0, 104.1, 3.0, 0.0) == pytest.approx(101.1)
+    # A large skew is honoured as given (refresh at exp - skew, not a quarter of the life).
+    assert schedule.refresh_at(0.0, 60.0, 57.0, 0.0) == pytest.approx(3.0)
 
 
 def test_refresh_at_tiny_token_keeps_a_minimum_gap() -> None:

@@ -100,13 +100,16 @@ def refresh_at(now: float, exp: float, skew: float, rand: float) -> float:
 
     ``exp - skew`` minus a small jitter (up to 10 % of the skew, at most 30 s)
     so many sets fetched together do not refresh in lockstep. A token that
-    lives about as long as the skew or shorter (STS may cut it to the caller's
+    arrives already inside the skew window (STS may cut it to the caller's
     session) is refreshed a quarter of the way through its life, leaving the
-    rest for retries, and never sooner than 1 s after the fetch: a short-lived
+    rest for retries; never sooner than 1 s after the fetch, so a short-lived
     token never causes a tight loop.
     """
     jitter = rand * min(skew * REFRESH_JITTER_FRACTION, REFRESH_JITTER_MAX)
-    return max(exp - skew - jitter, now + (exp - now) * SHORT_TOKEN_FRACTION, now + MIN_REFRESH_GAP)
+    at = exp - skew - jitter
+    if at <= now:  # arrived already inside the skew window: a quarter of its life
+        at = now + (exp - now) * SHORT_TOKEN_FRACTION
+    return max(at, now + MIN_REFRESH_GAP)
 
 
 def backoff(failures: int, transient: bool, rand: float, throttled: bool = False) -> float:
