@@ -130,10 +130,10 @@ def test_last_attempt_already_made_goes_after_exp() -> None:
 
 
 def test_no_valid_token_and_requested_caps_retry_at_5s() -> None:
-    assert schedule.retry_at(100.0, 45.0, None, requested=True) == 105.0
-    assert schedule.retry_at(100.0, 2.0, None, requested=True) == 102.0
+    assert schedule.retry_at(100.0, 45.0, None, requested=True, failures=4) == 105.0
+    assert schedule.retry_at(100.0, 2.0, None, requested=True, failures=4) == 102.0
     # Expired token (exp in the past) is the same as none.
-    assert schedule.retry_at(100.0, 45.0, 90.0, requested=True) == 105.0
+    assert schedule.retry_at(100.0, 45.0, 90.0, requested=True, failures=4) == 105.0
 
 
 def test_no_valid_token_unrequested_keeps_backoff() -> None:
@@ -141,8 +141,8 @@ def test_no_valid_token_unrequested_keeps_backoff() -> None:
 
 
 def test_pull_in() -> None:
-    assert schedule.pull_in(200.0, 100.0) == 105.0
-    assert schedule.pull_in(102.0, 100.0) == 102.0
+    assert schedule.pull_in(200.0, 100.0, failures=4) == 105.0
+    assert schedule.pull_in(102.0, 100.0, failures=4) == 102.0
 
 
 async def test_outage_call_count_is_bounded_on_a_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
@@ -157,7 +157,7 @@ async def test_outage_call_count_is_bounded_on_a_mock_clock(autojump_clock: trio
         failures += 1
         now = trio.current_time()
         delay = schedule.backoff(failures, True, 0.999999)
-        await trio.sleep_until(schedule.retry_at(now, delay, None, requested=True))
+        await trio.sleep_until(schedule.retry_at(now, delay, None, requested=True, failures=failures))
     assert 600 / schedule.EXPIRED_RETRY_CAP <= attempts <= 600 / schedule.EXPIRED_RETRY_CAP + 10
 
     start, attempts = trio.current_time(), 0
@@ -203,3 +203,10 @@ def test_classify_transport_errors() -> None:
 def test_classify_credentials_missing_is_permanent() -> None:
     err = sts.classify(botocore.exceptions.NoCredentialsError())
     assert (err.code, err.transient) == ("NoCredentials", False)
+
+
+def test_no_token_retry_cap_grows_from_one_second_to_five() -> None:
+    assert [schedule.no_token_cap(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    # A request right after a permanent failure: the retry is pulled in to 1 s, not 30-60 s.
+    assert schedule.pull_in(100.0 + 45.0, 100.0, failures=1) == 101.0
+    assert schedule.retry_at(100.0, 45.0, None, requested=True, failures=3) == 104.0

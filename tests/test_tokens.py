@@ -528,3 +528,26 @@ def test_normalize_and_key() -> None:
     auds = tokens.normalize(["https://b", "https://a", "https://b"])
     assert auds == ("https://a", "https://b")
     assert tokens.audience_key(auds) == "https://a,https://b"
+
+
+async def test_one_failure_costs_about_a_second_not_a_retry_window(
+    sts_emulator: StsEmulator, fetcher: sts.StsFetcher
+) -> None:
+    # A permanent error retries every 30-60 s in the background, but a set with no
+    # valid token that requests keep asking for is retried within ~1 s of the failure.
+    sts_emulator.set_faults(error="AccessDenied", count=1)
+    sup = tokens.Supervisor(settings(), fetcher)
+    async with running(sup):
+        with pytest.raises(tokens.TokenUnavailable) as info:
+            await sup.get(A)
+        assert info.value.error_class == "AccessDenied"
+        failed_at = trio.current_time()
+        token = None
+        while token is None:
+            try:
+                token = await sup.get(A)
+            except tokens.TokenUnavailable:
+                assert trio.current_time() - failed_at < 2.5, "a single failure blocked the set too long"
+                await trio.sleep(0.05)
+    assert claims(token)["aud"] == A[0]
+    assert [c["result"] for c in sts_calls(sts_emulator)] == ["AccessDenied", "ok"]

@@ -125,14 +125,15 @@ def backoff(failures: int, transient: bool, rand: float, throttled: bool = False
     return max(BACKOFF_FLOOR, rand * ceiling)
 
 
-def retry_at(now: float, delay: float, exp: float | None, requested: bool) -> float:
+def retry_at(now: float, delay: float, exp: float | None, requested: bool, failures: int = 1) -> float:
     """Absolute time of the next attempt after a failure at ``now``.
 
     ``exp`` is the expiry of the token still held (None if none). While it is
     valid, a retry that would land after it is moved to just before it: one
     last attempt while the token can still be served. Once no valid token
-    remains and requests keep asking (``requested``), retries are at most
-    5 s apart so recovery is noticed within seconds.
+    remains and requests keep asking (``requested``), retries come after at
+    most :func:`no_token_cap` (1 s, 2 s, 4 s, then 5 s) so recovery is noticed
+    within seconds.
     """
     at = now + delay
     if exp is not None and now < exp:
@@ -143,10 +144,19 @@ def retry_at(now: float, delay: float, exp: float | None, requested: bool) -> fl
             at = min(at, exp + EXPIRED_RETRY_CAP)
         return at
     if requested:
-        at = min(at, now + EXPIRED_RETRY_CAP)
+        at = min(at, now + no_token_cap(failures))
     return at
 
 
-def pull_in(due: float, failed_at: float) -> float:
-    """A request found no valid token: the next retry is at most 5 s after the last failure."""
-    return min(due, failed_at + EXPIRED_RETRY_CAP)
+def no_token_cap(failures: int) -> float:
+    """Longest wait before retrying a set that has no valid token while requests ask for it.
+
+    1 s after the first failure, then 2 s, 4 s, capped at 5 s: a passing error
+    costs requests about a second, a lasting one at most one call per set per 5 s.
+    """
+    return min(EXPIRED_RETRY_CAP, BACKOFF_BASE * 2.0 ** min(max(failures - 1, 0), 8))
+
+
+def pull_in(due: float, failed_at: float, failures: int = 1) -> float:
+    """A request found no valid token: retry at most :func:`no_token_cap` after the last failure."""
+    return min(due, failed_at + no_token_cap(failures))

@@ -328,7 +328,7 @@ class Supervisor:
             _notify(self._observer.cache_miss, entry.key)
             if entry.flight is None:
                 if entry.error is not None:
-                    entry.due = schedule.pull_in(entry.due, entry.failed_at)
+                    entry.due = schedule.pull_in(entry.due, entry.failed_at, entry.failures)
                 if entry.error is not None and now < entry.due:
                     ask.error = entry.error
                     self._log_no_token(entry)
@@ -388,7 +388,7 @@ class Supervisor:
         held = entry.exp if entry.valid(now) else None
         requested = entry.last_asked >= res.flight.started - schedule.EXPIRED_RETRY_CAP
         delay = schedule.backoff(entry.failures, res.transient, self._rand.random(), res.throttled)
-        entry.due = schedule.retry_at(now, delay, held, requested)
+        entry.due = schedule.retry_at(now, delay, held, requested, entry.failures)
         fields = {
             "audience": entry.key,
             "error_class": error,
