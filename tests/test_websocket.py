@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 
+import httpx
 import pytest
 import trio
 import trio_websocket
 
+from tests.fixtures.emulator import StsEmulator
+from tests.fixtures.process import ProxyFactory, base_env
 from tests.fixtures.proxy import (
     FAKE_JWT,
     AccessLog,
@@ -127,3 +131,61 @@ async def test_wss_upstream_verified_with_ca_file(wss_upstream: WsUpstream) -> N
             await ws.send_message("over tls")
             assert await ws.get_message() == "over tls"
     assert ("authorization", f"Bearer {FAKE_JWT}") in [(n.lower(), v) for n, v in wss_upstream.headers]
+
+
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+FRAME = b"\x81\x85abcdabcde"  # a masked text frame "hello"-sized, sent before any 101
+
+
+def _refused_handshake_with_client_bytes(port: int, attempt: int) -> bytes:
+    """One rejected upgrade with client bytes around the rejection; the status line that came back."""
+    route = b"X-Upstream-Host: other.example\r\n" if attempt % 2 else b""
+    request = HANDSHAKE + route + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        if attempt % 3 == 0:  # the review's repro: frame right after the response started
+            s.sendall(request)
+            first = s.recv(4096)
+            s.sendall(FRAME)
+        elif attempt % 3 == 1:  # frame pipelined with the handshake
+            s.sendall(request + FRAME)
+            first = s.recv(4096)
+        else:  # frames while the proxy decides
+            s.sendall(request)
+            s.sendall(FRAME * 20)
+            first = s.recv(4096)
+    return first.split(b"\r\n", 1)[0]
+
+
+def test_client_bytes_during_refused_upgrade_never_kill_the_process(
+    proxy_process: ProxyFactory, sts_emulator: StsEmulator
+) -> None:
+    # hypercorn answered client bytes that arrived while a refusal was being written with a second
+    # response; h11 raised in the connection's reader task and the whole process exited.
+    env = sts_emulator.subprocess_env(base_env())
+    proc = proxy_process(["--upstream-scheme", "http", "--allowed-upstream-hosts", "allowed.example"], env)
+    port = int(proc.url.rsplit(":", 1)[1])
+    statuses = {_refused_handshake_with_client_bytes(port, i) for i in range(24)}
+    assert statuses <= {b"HTTP/1.1 400 ", b"HTTP/1.1 403 "} and b"HTTP/1.1 403 " in statuses
+    resp = httpx.get(proc.url + "/after", timeout=10)
+    assert resp.status_code == 400 and "X-Upstream-Host" in resp.text
+    assert proc.proc.poll() is None
+    assert "Traceback" not in proc.stderr()
+
+
+async def test_early_client_bytes_still_end_the_session_upstream(ws_upstream: WsUpstream) -> None:
+    # Bytes before the 101 get hypercorn's own 400; the session must still end (and close upstream)
+    # rather than wait forever for a client that hypercorn no longer reports on.
+    async with running_proxy(proxy_settings(*HTTP), FixedTokens()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            route = f"X-Upstream-Host: {ws_upstream.host}\r\n".encode()
+            await stream.send_all(HANDSHAKE + route + b"\r\n" + FRAME)
+            with trio.fail_after(10):
+                first = await stream.receive_some(4096)
+                await ws_upstream.closed.wait()
+    assert first.startswith(b"HTTP/1.1 400 ")
+    assert ws_upstream.close_codes == [1000]

@@ -6,6 +6,11 @@ codes are relayed, and the subprotocol the upstream picked is passed back.
 Anything that fails before the upstream accepted is answered with an HTTP
 status before the client's handshake is accepted (hypercorn's
 ``websocket.http.response`` extension).
+
+Importing this module also swaps hypercorn's ``WSStream`` for
+:class:`GuardedWSStream` (see there): without it, client bytes arriving while
+a rejection is on its way make hypercorn answer a second time, and the
+resulting h11 error takes the whole server process down.
 """
 
 from __future__ import annotations
@@ -13,9 +18,19 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
 import trio
 import trio_websocket
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.protocol.events import Body, Data
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    WebsocketResponseBodyEvent,
+)
 
 from . import headers as hdr
 from .forward import (
@@ -64,6 +79,55 @@ def client_close_code(code: int | None) -> int:
     if code is None or code in (1005, 1006):
         return 1000
     return close_code(code)
+
+
+class GuardedWSStream(WSStream):
+    """hypercorn's websocket stream, with the handshake answered at most once.
+
+    hypercorn (0.18) answers client bytes that arrive before the handshake is
+    accepted with its own ``400``, even while the app's rejection (or its own
+    403/500) is being written, and lets the app keep sending while that 400
+    is being written. Either way a second response (or a close of the socket
+    mid-write) raises in the connection's reader task, which nothing catches:
+    the whole server exits (pgjones/hypercorn#225). Here whoever starts
+    answering first wins: client bytes after the app's answer has started are
+    dropped, and the app's messages are dropped while hypercorn writes its
+    own 400 (after which hypercorn marks the stream closed, as it always did,
+    and the app now gets a ``websocket.disconnect`` so that it ends).
+    """
+
+    answered = False  # a response to the handshake (the app's rejection or an error) has started
+    reader_answering = False  # the reader task is writing hypercorn's own 400 for early client bytes
+
+    async def handle(self, event: StreamEvent) -> None:
+        if not isinstance(event, Body | Data) or self.closed or self.handshake.accepted:
+            await super().handle(event)
+        elif not self.answered:
+            self.reader_answering = True
+            try:
+                await super().handle(event)  # hypercorn's 400, then the stream counts as closed
+            finally:
+                self.reader_answering = False
+            if self.app_put is not None:  # hypercorn never tells the app; it would wait forever
+                await self.app_put({"type": "websocket.disconnect", "code": 1006})
+        # else: client bytes while the handshake is being refused: nobody reads them
+
+    async def app_send(self, message: ASGISendEvent | None) -> None:
+        if not self.reader_answering:
+            await super().app_send(message)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        if not self.answered:
+            self.answered = True
+            await super()._send_error_response(status_code)
+
+    async def _send_rejection(self, message: WebsocketResponseBodyEvent) -> None:
+        self.answered = True
+        await super()._send_rejection(message)
+
+
+for _module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioquic, not served
+    _module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
 
 
 async def reject(scope: Any, send: Any, status: int, body: bytes) -> None:
