@@ -26,7 +26,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from aws_outbound_jwt_proxy import config, health, metrics, serve, sts, tokens
 from aws_outbound_jwt_proxy.app import create_app
-from aws_outbound_jwt_proxy.metrics import Metrics, NullMetrics
+from aws_outbound_jwt_proxy.metrics import Metrics, NullMetrics, drop_empty_labels
 from aws_outbound_jwt_proxy.routing import Target
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.metrics import Families, parse_scrape, value
@@ -153,10 +153,14 @@ def test_series_names_types_and_labels() -> None:
         "token_fetch_duration_seconds": ("histogram", {"result"}),
         "token_expiry_seconds": ("gauge", {"audience"}),
     }
+    # Labels the reference sets only sometimes are absent, not empty, when unset.
+    optional = {"server_port", "error_type", "error_class"}
     for name, (typ, names) in expected.items():
         assert fams[name].type == typ, name
         for s in fams[name].samples:
-            assert set(s.labels) - {"le"} == names, (name, s.labels)
+            got = set(s.labels) - {"le"}
+            assert names - optional <= got <= names, (name, s.labels)
+            assert "" not in s.labels.values(), (name, s.labels)
     # process / runtime series (the Python equivalents of go_*)
     assert {
         "process_cpu_seconds",
@@ -701,3 +705,18 @@ def test_dashboard_and_alerts_reference_exported_series() -> None:
     used = {name for e in exprs for name in _SERIES.findall(e)} - label_names
     assert len(used) >= 10
     assert used <= exported, used - exported
+
+
+def test_drop_empty_labels_only_touches_optional_empty_labels() -> None:
+    text = (
+        b'a_count{server_address="h",server_port="",error_type="",token_result="ok"} 1.0\n'
+        b'a_count{server_address="h",server_port="8443",error_type="timeout",token_result="ok"} 1.0\n'
+        b'b_total{audience="x",result="ok",error_class=""} 2.0\n'
+        b'c_total{audience="error_type=\\"\\",",result="ok"} 3.0\n'
+    )
+    assert drop_empty_labels(text) == (
+        b'a_count{server_address="h",token_result="ok"} 1.0\n'
+        b'a_count{server_address="h",server_port="8443",error_type="timeout",token_result="ok"} 1.0\n'
+        b'b_total{audience="x",result="ok"} 2.0\n'
+        b'c_total{audience="error_type=\\"\\",",result="ok"} 3.0\n'
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -57,6 +58,18 @@ _GONE = math.inf  # "no longer cached" for _EXPIRY_AT (a removed label stays in 
 
 
 # ---- label rules (pure) -------------------------------------------------------
+
+
+# Labels the reference emits only sometimes (error_type on failure, server_port when
+# not the scheme default, error_class on error). prometheus-client gives every
+# series of a metric the same label names, so the empty ones are cut from the text.
+_EMPTY_OPTIONAL = re.compile(rb'(?<=[{,])(?:error_type|server_port|error_class)="",?')
+
+
+def drop_empty_labels(text: bytes) -> bytes:
+    """Remove optional labels whose value is empty from an exposition (values are escaped,
+    so ``name=""`` can only be a label, never part of a value)."""
+    return _EMPTY_OPTIONAL.sub(b"", text).replace(b",}", b"}")
 
 
 def method_label(method: str) -> str:
@@ -396,7 +409,7 @@ class Metrics:
     def render(self, accept: str) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when ``accept`` asks for it)."""
         encode, content_type = choose_encoder(accept)
-        return encode(self.registry), content_type
+        return drop_empty_labels(encode(self.registry)), content_type
 
     def close(self) -> None:
         """Worker stopping: in multi-process mode drop its live gauges from the sum."""
