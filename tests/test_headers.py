@@ -124,3 +124,17 @@ def test_response_headers_hop_by_hop_dropped_set_cookie_kept_separate() -> None:
 
 def test_connection_tokens_case_insensitive() -> None:
     assert hdr.connection_named([(b"Connection", b"Foo, BAR,,")]) == {b"foo", b"bar"}
+
+
+def test_content_length_dropped_when_transfer_encoding_present() -> None:
+    from aws_outbound_jwt_proxy.headers import outbound
+
+    inbound_headers = [
+        (b"content-length", b"5"),
+        (b"transfer-encoding", b"chunked"),
+        (b"x-keep", b"1"),
+    ]
+    out, _ = outbound(inbound_headers, authority=b"up", bearer=b"t", client_ip=None)
+    assert out == [(b"host", b"up"), (b"x-keep", b"1"), (b"authorization", b"Bearer t")]
+    plain, _ = outbound([(b"content-length", b"5")], authority=b"up", bearer=b"t", client_ip=None)
+    assert (b"content-length", b"5") in plain

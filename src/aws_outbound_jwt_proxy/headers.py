@@ -63,6 +63,9 @@ def outbound(
     one). ``websocket=True`` also drops what the websocket client writes itself
     (Host, Sec-WebSocket-*), so Host is not added.
 
+    A ``Content-Length`` sent together with ``Transfer-Encoding`` is dropped
+    (the body is framed by the chunked encoding, and httpx streams it that way).
+
     Returns the headers and whether an inbound Authorization was replaced.
     """
     headers = list(headers)
@@ -71,9 +74,11 @@ def outbound(
     replaced = False
     xff: list[bytes] = []
     xff_at = -1
+    chunked = False
     for name, value in headers:
         lower = name.lower()
         if lower == b"host" or lower == drop or is_hop_by_hop(lower, named):
+            chunked = chunked or lower == b"transfer-encoding"
             continue
         if lower == b"authorization":
             replaced = True
@@ -94,6 +99,8 @@ def outbound(
             out.append((XFF, b""))
     if xff_at >= 0:
         out[xff_at] = (XFF, b", ".join(v for v in xff if v))
+    if chunked:  # RFC 9112 6.1: Transfer-Encoding overrides Content-Length; never forward both
+        out = [(n, v) for n, v in out if n.lower() != b"content-length"]
     out.append((b"authorization", b"Bearer " + bearer))
     return out, replaced
 
