@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import json
 import socket
 import ssl
 import subprocess
@@ -326,40 +327,49 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_hypercorn_command_serves_the_same_app(sts_emulator: StsEmulator, echo_upstream: EchoFactory) -> None:
+def test_hypercorn_command_serves_the_same_app(
+    tmp_path: Path, sts_emulator: StsEmulator, echo_upstream: EchoFactory
+) -> None:
     echo = echo_upstream(sts_emulator.issuer, AUD)
     port = _free_port()
     env = base_env(sts_emulator.env)
     env.update({"UPSTREAM_HOST": echo.host, "UPSTREAM_SCHEME": "http", "METRICS_ENABLED": "false"})
     hypercorn = Path(sys.executable).with_name("hypercorn")
-    proc = subprocess.Popen(
-        [
-            str(hypercorn),
-            "--worker-class",
-            "trio",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "aws_outbound_jwt_proxy.asgi:app",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                resp = httpx.get(f"http://127.0.0.1:{port}/via-hypercorn", timeout=30)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, "hypercorn exited"
-                assert time.monotonic() < deadline, "hypercorn never served"
-                time.sleep(0.1)
-        assert resp.status_code == 200, resp.text
-        assert resp.json()["claims"]["aud"] == AUD
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            [
+                str(hypercorn),
+                "--worker-class",
+                "trio",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "aws_outbound_jwt_proxy.asgi:app",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    resp = httpx.get(f"http://127.0.0.1:{port}/via-hypercorn", timeout=30)
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None, "hypercorn exited"
+                    assert time.monotonic() < deadline, "hypercorn never served"
+                    time.sleep(0.1)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["claims"]["aud"] == AUD
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    # hypercorn's own lines ("Running on ...") come out in our JSON format too.
+    lines = [line for line in stderr_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any("Running on" in r["msg"] for r in records)
+    assert any(r["msg"] == "request" and r["path"] == "/via-hypercorn" for r in records)
 
 
 class _BrokenStream:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
+import hypercorn.logging
 import trio
 from quart_trio import QuartTrio
 
@@ -20,12 +22,31 @@ from .app import create_app
 log = logging.getLogger("aws_outbound_jwt_proxy.asgi")
 
 
+def _route_hypercorn_logs_to_ours() -> None:
+    """hypercorn's ``-`` (stderr) loggers use its own line format; send them through ours.
+
+    hypercorn builds its loggers lazily, after importing the app, so replacing
+    its factory here keeps every stderr line in the configured (JSON) format.
+    """
+    original = hypercorn.logging._create_logger
+
+    def create(
+        name: str, target: Any, level: str | None, sys_default: Any, *, propagate: bool = True
+    ) -> logging.Logger | None:
+        if target == "-":
+            return logging.getLogger(name)  # no handler of its own: propagates to ours
+        return original(name, target, level, sys_default, propagate=propagate)
+
+    hypercorn.logging._create_logger = create
+
+
 def build() -> QuartTrio:
     try:
         settings = config.load([], os.environ)
     except flags.ConfigError as exc:
         flags.fail(config.PROG, exc)
     logs.setup(settings.log_level, settings.log_format)
+    _route_hypercorn_logs_to_ours()
     m: metrics.Metrics | metrics.NullMetrics = (
         metrics.Metrics() if settings.metrics_enabled else metrics.NullMetrics()
     )
