@@ -398,3 +398,78 @@ async def test_one_broken_connection_does_not_stop_the_server(caplog: pytest.Log
     await server.run()  # returns instead of raising into hypercorn's serve loop
     assert stream.closed
     assert any(r.getMessage() == "connection failed" for r in caplog.records)
+
+
+def test_h2c_upgrade(
+    sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
+    )
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = conn.initiate_upgrade_connection()  # already base64url
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"GET /upgraded HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(conn.data_to_send())
+        status, body, done = None, b"", False
+        events = conn.receive_data(rest) if rest else []
+        while not done:
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 1:
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 1:
+                    done = True
+            sock.sendall(conn.data_to_send())
+            if not done:
+                data = sock.recv(65536)
+                assert data, "connection closed before the response ended"
+                events = conn.receive_data(data)
+    assert status == b"200"
+    doc = json.loads(body)
+    assert doc["target"] == "/upgraded"
+    assert doc["claims"]["aud"] == AUD
+
+
+def test_malformed_h2c_settings_end_one_connection_not_the_proxy(
+    sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
+) -> None:
+    # hypercorn raises on an HTTP2-Settings value that is not valid base64 (found by
+    # hand); without the per-connection guard that stopped the whole server.
+    echo = echo_upstream(sts_emulator.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
+    )
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"GET / HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: QUFB\r\nAuthorization: Basic c2VjcmV0\r\n\r\n"
+            )
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            while sock.recv(65536):
+                pass
+    assert proxy.proc.poll() is None
+    assert httpx.get(f"{proxy.url}/still-serving", timeout=30).status_code == 200
+    proxy.wait_for(lambda r: r.get("msg") == "connection failed")
+    assert "c2VjcmV0" not in "\n".join(proxy.lines)
