@@ -227,9 +227,34 @@ class TokenMetrics:
 
     def cached_sets(self, count: int) -> None:
         self._m.token_cached_audiences.set(count)
-        if self._push and count < self._count:  # a set left: drop its expiry
-            self.sync()
+        if count < self._count:  # a set left the cache
+            if self._push:  # drop its expiry for the other workers' scrapes
+                self.sync()
+            else:
+                self._forget_evicted()
         self._count = count
+
+    def _forget_evicted(self) -> None:
+        """Drop the per-audience series of sets no longer cached, so their number stays
+        bounded by --token-cache-max-entries (single-process mode; in multi-process mode
+        prometheus-client keeps every series written to its files)."""
+        if self._snapshot is None:
+            return
+        live = {s.audience for s in self._snapshot()}
+        m = self._m
+        for audience in [a for a in self._hits if a not in live]:
+            m.token_cache_hit.remove(audience)
+            del self._hits[audience]
+        for audience in [a for a in self._misses if a not in live]:
+            m.token_cache_miss.remove(audience)
+            del self._misses[audience]
+        for key in [k for k in self._fetches if k[0] not in live]:
+            audience, ok, error_class, background = key
+            result = "ok" if ok else "error"
+            m.token_fetch.remove(audience, result, "" if ok else (error_class or UNKNOWN))
+            if background:
+                m.token_refresh.remove(audience, result)  # absent label sets are ignored
+            del self._fetches[key]
 
     def sync(self) -> None:
         """Re-read every set's expiry (O(sets)). On the event loop: before a scrape, after a fetch."""
