@@ -113,6 +113,13 @@ class NoCookies(CookieJar):
         pass
 
 
+class NoClientCookies(httpx.Cookies):
+    """The client's cookie store: skips httpx's per-response urllib adapters (the jar keeps nothing)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+
 class ShardedTransport(httpx.AsyncBaseTransport):
     """Round-robin over several independent httpcore pools.
 
@@ -154,6 +161,9 @@ def build_client(settings: Settings, tls: ssl.SSLContext) -> httpx.AsyncClient:
         timeout=httpx.Timeout(None),
     )
     client.headers.clear()  # no User-Agent / Accept-Encoding / Accept / Connection defaults
+    # httpx builds urllib request/response adapters for every response just to offer Set-Cookie to
+    # the jar; the jar keeps nothing, so skip that (the ``cookies=`` setter would copy into a plain one).
+    client._cookies = NoClientCookies(NoCookies())
     return client
 
 
