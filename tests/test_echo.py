@@ -281,7 +281,12 @@ def test_load_defaults_and_env_fallback() -> None:
     assert options == echo.Options("127.0.0.1", 8081, None, None, 60.0)
     assert (level, fmt) == ("info", "json")
     options, _, _ = echo.load(
-        ["--leeway", "5s"], {"ISSUER": "http://i.test", "AUDIENCE": "a", "LEEWAY": "9s"}
+        ["--leeway", "5s"],
+        {
+            "ECHO_UPSTREAM_ISSUER": "http://i.test",
+            "ECHO_UPSTREAM_AUDIENCE": "a",
+            "ECHO_UPSTREAM_LEEWAY": "9s",
+        },
     )
     assert (options.issuer, options.audience, options.leeway) == ("http://i.test", "a", 5.0)
 

@@ -501,10 +501,13 @@ def test_flags_from_env() -> None:
     options, level, fmt = load(
         ["--account-id", "111111111111"],
         {
-            "ACCOUNT_ID": "222222222222",
-            "CREDENTIAL": "AK1:s1,AK2:s2",
-            "ENABLE_ADMIN": "true",
-            "LOG_FORMAT": "text",
+            "STS_EMULATOR_ACCOUNT_ID": "222222222222",
+            "STS_EMULATOR_CREDENTIAL": "AK1:s1,AK2:s2",
+            "STS_EMULATOR_ENABLE_ADMIN": "true",
+            "STS_EMULATOR_LOG_FORMAT": "text",
+            # The proxy's own settings in the same environment are not the emulator's.
+            "LISTEN_ADDR": "127.0.0.1:9",
+            "LOG_LEVEL": "debug",
         },
     )
     assert options.account_id == "111111111111"
@@ -512,7 +515,7 @@ def test_flags_from_env() -> None:
     assert options.enable_admin and (options.host, options.port) == ("127.0.0.1", 4566)
     assert (level, fmt) == ("info", "text")
     with pytest.raises(ConfigError):
-        load([], {"LISTEN_ADDR": "bad"})
+        load([], {"STS_EMULATOR_LISTEN_ADDR": "bad"})
 
 
 async def test_programmatic_serve_without_admin() -> None:

@@ -44,13 +44,18 @@ DESCRIPTION = (
     "as JSON.\nWith --issuer it verifies the bearer JWT like a third party would "
     "(OIDC discovery, JWKS, signature, exp, iss, aud) and answers 401 when it is invalid."
 )
-FLAGS: tuple[Flag, ...] = (
-    Flag("listen-addr", "127.0.0.1:8081", "host:port to listen on (port 0 = any free port)"),
-    Flag("issuer", "", "OIDC issuer URL; when set every request needs a valid bearer JWT from it"),
-    Flag("audience", "", "with --issuer: aud must contain this; empty = any aud, but aud must be present"),
-    Flag("leeway", "60s", "clock skew allowed when checking exp, iat and nbf"),
-    Flag("log-level", "info", "debug, info, warn or error"),
-    Flag("log-format", "json", "json or text"),
+FLAGS: tuple[Flag, ...] = flags.prefixed(
+    "ECHO_UPSTREAM_",
+    (
+        Flag("listen-addr", "127.0.0.1:8081", "host:port to listen on (port 0 = any free port)"),
+        Flag("issuer", "", "OIDC issuer URL; when set every request needs a valid bearer JWT from it"),
+        Flag(
+            "audience", "", "with --issuer: aud must contain this; empty = any aud, but aud must be present"
+        ),
+        Flag("leeway", "60s", "clock skew allowed when checking exp, iat and nbf"),
+        Flag("log-level", "info", "debug, info, warn or error"),
+        Flag("log-format", "json", "json or text"),
+    ),
 )
 SHOWN_CHARS = 12  # of a credential, in the request log line
 ERRORS = {401: "invalid_token", 503: "keys_unavailable"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 EXIT_USAGE = 2
@@ -53,6 +53,12 @@ class Flag:
     @property
     def dest(self) -> str:
         return self.name.replace("-", "_")
+
+
+def prefixed(prefix: str, rows: Sequence[Flag]) -> tuple[Flag, ...]:
+    """The same flags reading ``PREFIX_NAME`` env vars, so a helper command never
+    picks up the proxy's settings (``LISTEN_ADDR``, ``LOG_LEVEL``) from a shared environment."""
+    return tuple(replace(row, env_name=prefix + row.env) for row in rows)
 
 
 Raw = dict[str, "str | list[str]"]

@@ -25,22 +25,29 @@ DESCRIPTION = (
     "real RS256/ES384 JWTs and serves OIDC discovery and JWKS. Point boto3 at it with "
     "AWS_ENDPOINT_URL_STS=http://HOST:PORT."
 )
-FLAGS: tuple[Flag, ...] = (
-    Flag("listen-addr", "127.0.0.1:4566", "host:port to listen on (port 0 = any free port)"),
-    Flag("issuer", "", "iss claim and discovery issuer; empty = the listener's base URL http://host:port"),
-    Flag("account-id", "123456789012", "12-digit AWS account id used in ARNs and claims"),
-    Flag(
-        "credential",
-        "",
-        "AKID:SECRET accepted, with the SigV4 signature verified; none = any well-formed signature passes",
-        repeatable=True,
-        env_list=True,
-        metavar="AKID:SECRET",
+FLAGS: tuple[Flag, ...] = flags.prefixed(
+    "STS_EMULATOR_",
+    (
+        Flag("listen-addr", "127.0.0.1:4566", "host:port to listen on (port 0 = any free port)"),
+        Flag(
+            "issuer", "", "iss claim and discovery issuer; empty = the listener's base URL http://host:port"
+        ),
+        Flag("account-id", "123456789012", "12-digit AWS account id used in ARNs and claims"),
+        Flag(
+            "credential",
+            "",
+            "AKID:SECRET accepted, SigV4 signature verified; none = any well-formed signature passes",
+            repeatable=True,
+            env_list=True,
+            metavar="AKID:SECRET",
+        ),
+        Flag(
+            "key-dir", "", "directory keeping the signing keys across restarts; empty = new keys each start"
+        ),
+        Flag("enable-admin", "false", "serve the /_emulator/ fault and call-record API", boolean=True),
+        Flag("log-level", "info", "debug, info, warn or error"),
+        Flag("log-format", "json", "json or text"),
     ),
-    Flag("key-dir", "", "directory keeping the signing keys across restarts; empty = new keys each start"),
-    Flag("enable-admin", "false", "serve the /_emulator/ fault and call-record API", boolean=True),
-    Flag("log-level", "info", "debug, info, warn or error"),
-    Flag("log-format", "json", "json or text"),
 )
 
 
