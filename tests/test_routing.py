@@ -121,3 +121,25 @@ def test_conflicting_routing_headers() -> None:
 def test_target_default_port() -> None:
     assert Target("https", "h", 443, "h:443").default_port
     assert not Target("https", "h", 8443, "h:8443").default_port
+
+
+@pytest.mark.parametrize(
+    ("value", "server", "loop"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080), True),
+        ("localhost:8080", ("127.0.0.1", 8080), True),
+        ("[::1]:8080", ("::1", 8080), True),
+        ("10.0.0.5", ("10.0.0.5", 443), True),  # https default port
+        ("127.0.0.1:8081", ("127.0.0.1", 8080), False),
+        ("api.example.com:8080", ("127.0.0.1", 8080), False),
+    ],
+)
+def test_routing_to_the_proxy_itself_is_a_loop(value: str, server: tuple[str, int], loop: bool) -> None:
+    router = _router()
+    headers = [(b"x-upstream-host", value.encode())]
+    if loop:
+        with pytest.raises(RouteError) as info:
+            router.resolve(headers, server)
+        assert info.value.status == 508
+    else:
+        assert router.resolve(headers, server).authority == value.lower()

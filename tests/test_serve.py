@@ -473,3 +473,14 @@ def test_malformed_h2c_settings_end_one_connection_not_the_proxy(
     assert httpx.get(f"{proxy.url}/still-serving", timeout=30).status_code == 200
     proxy.wait_for(lambda r: r.get("msg") == "connection failed")
     assert "c2VjcmV0" not in "\n".join(proxy.lines)
+
+
+def test_host_mode_request_naming_the_proxy_is_a_loop_not_a_storm(
+    sts_emulator: StsEmulator, proxy_process: ProxyFactory
+) -> None:
+    proxy = proxy_process(["--host-header", "Host", "--upstream-scheme", "http"], base_env(sts_emulator.env))
+    resp = httpx.get(f"{proxy.url}/loop", timeout=10)  # Host: the proxy's own address
+    assert resp.status_code == 508
+    assert "loop" in resp.text
+    requests = [r for r in proxy.records() if r.get("msg") == "request"]
+    assert len(requests) <= 1 and not sts_emulator.calls()

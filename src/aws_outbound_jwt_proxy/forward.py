@@ -209,6 +209,14 @@ def request_target(scope: Any) -> bytes | None:
     return raw + b"?" + query if query else raw
 
 
+def server_address(scope: Any) -> tuple[str, int] | None:
+    """The (host, port) of the listener this request arrived on, when known."""
+    server = scope.get("server")
+    if not server or server[1] is None:
+        return None
+    return str(server[0]), int(server[1])
+
+
 def client_ip(scope: Any) -> bytes | None:
     client = scope.get("client")
     if not client:
@@ -308,7 +316,7 @@ class Forwarder:
         if raw_target is None:
             return plain(400, BAD_TARGET)
         try:
-            target = self.router.resolve(scope["headers"])
+            target = self.router.resolve(scope["headers"], server_address(scope))
         except RouteError as err:
             return plain(err.status, err.body)
         ex.target = target

@@ -102,6 +102,24 @@ def parse_authority(scheme: str, value: str) -> Target:
     return Target(scheme=scheme, host=host, port=port, authority=authority)
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_self(target: Target, server: tuple[str, int]) -> bool:
+    """The target is the listener the request came in on (a request that would loop).
+
+    Catches a routing header or Host naming the proxy's own address; a DNS name
+    that resolves to the proxy is not detectable here.
+    """
+    host = target.host.strip("[]").rstrip(".")
+    own_host, own_port = server[0], server[1]
+    if target.effective_port != own_port:
+        return False
+    if host == own_host:
+        return True
+    return host in _LOOPBACK_NAMES and own_host in _LOOPBACK_NAMES
+
+
 def host_allowed(target: Target, patterns: Sequence[str]) -> bool:
     """Match against ``host``, ``host:port`` and ``*.suffix`` patterns (lower-case).
 
@@ -151,7 +169,10 @@ class Router:
         self.header = settings.host_header.lower().encode("latin-1")
         self.missing_body = f"no upstream: set --upstream-host or send the header {settings.host_header}\n"
 
-    def resolve(self, headers: Iterable[tuple[bytes, bytes]]) -> Target:
+    def resolve(
+        self, headers: Iterable[tuple[bytes, bytes]], server: tuple[str, int] | None = None
+    ) -> Target:
+        """``server`` is the proxy address the client connected to (ASGI ``scope["server"]``)."""
         if self.pinned is not None:
             return self.pinned
         wanted = self.header
@@ -169,4 +190,6 @@ class Router:
             raise RouteError(400, f"invalid {self.header_label} header: {exc}\n") from None
         if not host_allowed(target, self.allowed):
             raise RouteError(403, "upstream not allowed\n")
+        if server is not None and is_self(target, server):
+            raise RouteError(508, "loop detected: the upstream is this proxy\n")
         return target

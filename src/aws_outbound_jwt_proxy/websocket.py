@@ -44,6 +44,7 @@ from .forward import (
     classify,
     client_ip,
     request_target,
+    server_address,
 )
 from .routing import RouteError
 
@@ -179,7 +180,7 @@ async def proxy(
     if raw_target is None:
         return await _reject(scope, send, ex, 400, BAD_TARGET)
     try:
-        target = fwd.router.resolve(scope["headers"])
+        target = fwd.router.resolve(scope["headers"], server_address(scope))
     except RouteError as err:
         return await _reject(scope, send, ex, err.status, err.body)
     ex.target = target
