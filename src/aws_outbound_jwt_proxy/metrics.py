@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from . import health
+from .forward import NullObserver as NullRequestObserver
 from .routing import Target
 from .tokens import NullObserver, SetState, TokenObserver
 
@@ -442,8 +443,9 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
 
 
-class NullMetrics:
-    """Metrics disabled: the same methods, nothing recorded."""
+class NullMetrics(NullRequestObserver):
+    """Metrics disabled: the same methods, nothing recorded (``started``/``finished``
+    come from the request path's own no-op observer)."""
 
     tokens: TokenObserver = NullObserver()
 
@@ -464,21 +466,6 @@ class NullMetrics:
         seconds: float,
         error: str | None,
         token_result: str,
-    ) -> None:
-        pass
-
-    def started(self) -> None:
-        pass
-
-    def finished(
-        self,
-        method: str,
-        status: int,
-        duration: float,
-        target: Target | None,
-        token_result: str | None,
-        error_type: str | None,
-        upstream_seconds: float | None,
     ) -> None:
         pass
 
