@@ -26,11 +26,29 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.fixtures.echo import EchoFactory
+from tests.fixtures.echo import EchoFactory, EchoUpstream
 from tests.fixtures.emulator import StsEmulator
-from tests.fixtures.process import ProxyFactory, base_env
+from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
 
 AUD = "http://127.0.0.1"  # dynamic audience of any http://127.0.0.1:<port> target
+
+
+def _proxy_to_echo(
+    sts: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory, *flags: str
+) -> tuple[EchoUpstream, ProxyProcess]:
+    """A verifying echo upstream trusting ``sts``, and the real proxy pinned to it over http."""
+    echo = echo_upstream(sts.issuer, AUD)
+    proxy = proxy_process(
+        ["--upstream-host", echo.host, "--upstream-scheme", "http", *flags], base_env(sts.env)
+    )
+    return echo, proxy
+
+
+def _h2c_upgrade(path: bytes, settings: bytes) -> bytes:
+    return (
+        b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n"
+    )
 
 
 def _bearer(echo_doc: dict[str, Any]) -> str:
@@ -42,11 +60,7 @@ def _bearer(echo_doc: dict[str, Any]) -> str:
 def test_verified_request_end_to_end(
     sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
 ) -> None:
-    echo = echo_upstream(sts_emulator.issuer, AUD)
-    proxy = proxy_process(
-        ["--upstream-host", echo.host, "--upstream-scheme", "http", "--log-level", "debug"],
-        base_env(sts_emulator.env),
-    )
+    echo, proxy = _proxy_to_echo(sts_emulator, echo_upstream, proxy_process, "--log-level", "debug")
     resp = httpx.get(
         f"{proxy.url}/v1/items%2Fa//b?x=1&x=2",
         headers={"Authorization": "Basic c2VjcmV0", "X-Trace": "t1"},
@@ -283,19 +297,8 @@ def test_tls_listener_speaks_h2_and_http11(
     tmp_path: Path, sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
 ) -> None:
     cert, key = _self_signed(tmp_path)
-    echo = echo_upstream(sts_emulator.issuer, AUD)
-    proxy = proxy_process(
-        [
-            "--upstream-host",
-            echo.host,
-            "--upstream-scheme",
-            "http",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-        ],
-        base_env(sts_emulator.env),
+    _, proxy = _proxy_to_echo(
+        sts_emulator, echo_upstream, proxy_process, "--tls-cert", str(cert), "--tls-key", str(key)
     )
     assert proxy.url.startswith("https://")
     ctx = ssl.create_default_context(cafile=str(cert))
@@ -311,10 +314,7 @@ def test_tls_listener_speaks_h2_and_http11(
 def test_h2c_prior_knowledge(
     sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
 ) -> None:
-    echo = echo_upstream(sts_emulator.issuer, AUD)
-    proxy = proxy_process(
-        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
-    )
+    _, proxy = _proxy_to_echo(sts_emulator, echo_upstream, proxy_process)
     with httpx.Client(http1=False, http2=True, timeout=30) as client:
         resp = client.get(f"{proxy.url}/h2c")
     assert resp.status_code == 200 and resp.http_version == "HTTP/2"
@@ -408,18 +408,12 @@ def test_h2c_upgrade(
     import h2.connection
     import h2.events
 
-    echo = echo_upstream(sts_emulator.issuer, AUD)
-    proxy = proxy_process(
-        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
-    )
+    _, proxy = _proxy_to_echo(sts_emulator, echo_upstream, proxy_process)
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     settings = conn.initiate_upgrade_connection()  # already base64url
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(
-            b"GET /upgraded HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-            b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
-        )
+        sock.sendall(_h2c_upgrade(b"/upgraded", settings) + b"\r\n")
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = sock.recv(65536)
@@ -455,17 +449,11 @@ def test_malformed_h2c_settings_end_one_connection_not_the_proxy(
 ) -> None:
     # hypercorn raises on an HTTP2-Settings value that is not valid base64 (found by
     # hand); without the per-connection guard that stopped the whole server.
-    echo = echo_upstream(sts_emulator.issuer, AUD)
-    proxy = proxy_process(
-        ["--upstream-host", echo.host, "--upstream-scheme", "http"], base_env(sts_emulator.env)
-    )
+    _, proxy = _proxy_to_echo(sts_emulator, echo_upstream, proxy_process)
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     for _ in range(3):
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(
-                b"GET / HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-                b"Upgrade: h2c\r\nHTTP2-Settings: QUFB\r\nAuthorization: Basic c2VjcmV0\r\n\r\n"
-            )
+            sock.sendall(_h2c_upgrade(b"/", b"QUFB") + b"Authorization: Basic c2VjcmV0\r\n\r\n")
             sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             while sock.recv(65536):
                 pass
