@@ -15,9 +15,9 @@ from functools import partial
 import hypercorn.trio
 import trio
 
-from aws_outbound_jwt_proxy import config
-from aws_outbound_jwt_proxy.app import create_app
-from aws_outbound_jwt_proxy.serve import hypercorn_config
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.proxy.app import create_app
+from aws_outbound_jwt_proxy.server.serve import hypercorn_config
 
 FAKE_JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjaGlsZCJ9.c2lnbmF0dXJl"
 

@@ -6,7 +6,8 @@ import ssl
 
 import httpx
 
-from aws_outbound_jwt_proxy import config, forward
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.proxy import forward
 
 
 async def test_client_cookie_store_ignores_set_cookie() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from aws_outbound_jwt_proxy import config
-from aws_outbound_jwt_proxy.durations import parse_duration
-from aws_outbound_jwt_proxy.flags import ConfigError
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.config.durations import parse_duration
+from aws_outbound_jwt_proxy.config.flags import ConfigError
 
 
 @pytest.mark.parametrize(

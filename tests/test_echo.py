@@ -26,8 +26,8 @@ import pytest
 import trio
 from joserfc import jwk, jwt
 
-from aws_outbound_jwt_proxy import echo, verify
-from aws_outbound_jwt_proxy.flags import ConfigError
+from aws_outbound_jwt_proxy.config.flags import ConfigError
+from aws_outbound_jwt_proxy.devtools import echo, verify
 from tests.fixtures.echo import EchoFactory, EchoUpstream, start_echo
 from tests.fixtures.emulator import EmulatorProcess, StsEmulator
 

@@ -27,10 +27,10 @@ from joserfc import jwt
 from joserfc.errors import ExpiredTokenError
 from joserfc.jwk import KeySet
 
-from aws_outbound_jwt_proxy.emulator import EmulatorOptions, faults, params, render, serve, sigv4
-from aws_outbound_jwt_proxy.emulator.cli import load
-from aws_outbound_jwt_proxy.emulator.errors import StsError
-from aws_outbound_jwt_proxy.flags import ConfigError
+from aws_outbound_jwt_proxy.config.flags import ConfigError
+from aws_outbound_jwt_proxy.devtools.emulator import EmulatorOptions, faults, params, render, serve, sigv4
+from aws_outbound_jwt_proxy.devtools.emulator.cli import load
+from aws_outbound_jwt_proxy.devtools.emulator.errors import StsError
 from tests.fixtures.emulator import (
     DUMMY_ACCESS_KEY,
     DUMMY_SECRET_KEY,

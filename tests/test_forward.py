@@ -11,8 +11,8 @@ import httpx
 import pytest
 import trio
 
-from aws_outbound_jwt_proxy.forward import classify
-from aws_outbound_jwt_proxy.routing import Target
+from aws_outbound_jwt_proxy.proxy.forward import classify
+from aws_outbound_jwt_proxy.routing.target import Target
 from tests.fixtures.proxy import (
     FAKE_JWT,
     FailingTokens,

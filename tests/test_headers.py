@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_outbound_jwt_proxy import headers as hdr
+from aws_outbound_jwt_proxy.proxy import headers as hdr
 
 
 def out(headers: list[tuple[bytes, bytes]], **kw: object) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -127,7 +127,7 @@ def test_connection_tokens_case_insensitive() -> None:
 
 
 def test_content_length_dropped_when_transfer_encoding_present() -> None:
-    from aws_outbound_jwt_proxy.headers import outbound
+    from aws_outbound_jwt_proxy.proxy.headers import outbound
 
     inbound_headers = [
         (b"content-length", b"5"),

@@ -24,10 +24,14 @@ from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from aws_outbound_jwt_proxy import config, health, metrics, serve, sts, tokens
-from aws_outbound_jwt_proxy.app import create_app
-from aws_outbound_jwt_proxy.metrics import Metrics, NullMetrics, drop_empty_labels
-from aws_outbound_jwt_proxy.routing import Target
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.observe import health, metrics
+from aws_outbound_jwt_proxy.observe.metrics import Metrics, NullMetrics, drop_empty_labels
+from aws_outbound_jwt_proxy.proxy.app import create_app
+from aws_outbound_jwt_proxy.routing.target import Target
+from aws_outbound_jwt_proxy.server import serve
+from aws_outbound_jwt_proxy.tokens import sts
+from aws_outbound_jwt_proxy.tokens import supervisor as tokens
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.metrics import Families, parse_scrape, value
 
@@ -446,8 +450,8 @@ async def test_token_series_from_real_supervisor(sts_emulator: StsEmulator) -> N
 _WORKER = textwrap.dedent(
     """
     import sys
-    from aws_outbound_jwt_proxy.metrics import Metrics
-    from aws_outbound_jwt_proxy.tokens import SetState
+    from aws_outbound_jwt_proxy.observe.metrics import Metrics
+    from aws_outbound_jwt_proxy.tokens.supervisor import SetState
     n, active, left = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     m = Metrics()
     sets = [SetState("https://a", True, left, False, None)]
@@ -472,7 +476,9 @@ _WORKER = textwrap.dedent(
     m.close()
     """
 )
-_SCRAPE = "from aws_outbound_jwt_proxy.metrics import Metrics; print(Metrics().render('')[0].decode())"
+_SCRAPE = (
+    "from aws_outbound_jwt_proxy.observe.metrics import Metrics; print(Metrics().render('')[0].decode())"
+)
 
 
 @pytest.fixture

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from aws_outbound_jwt_proxy import audience, config
-from aws_outbound_jwt_proxy.routing import RouteError, Router, Target, host_allowed, parse_authority
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.proxy.forward import build_router
+from aws_outbound_jwt_proxy.routing import audience
+from aws_outbound_jwt_proxy.routing.router import RouteError, Router, host_allowed
+from aws_outbound_jwt_proxy.routing.target import Target, parse_authority
 
 
 def _router(*argv: str) -> Router:
-    return Router(config.load(list(argv), env={}))
+    return build_router(config.load(list(argv), env={}))
 
 
 def test_pinned_ignores_header() -> None:
@@ -79,7 +82,7 @@ def test_dynamic_audience_lowercases_and_strips_port() -> None:
 
 def test_static_audience_set_is_normalized_once() -> None:
     s = config.load(["--token-audience", "z", "--token-audience", "a", "--token-audience", "z"], env={})
-    res = audience.Resolver(s)
+    res = audience.Resolver(s.token_audiences)
     t = parse_authority("https", "x.example.com")
     assert res.for_target(t) == ("a", "z")
     assert res.for_target(t) is res.for_target(t)

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from aws_outbound_jwt_proxy import schedule, sts
+from aws_outbound_jwt_proxy.tokens import schedule, sts
 
 PERMANENT = [
     "AccessDenied",

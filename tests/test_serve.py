@@ -390,7 +390,7 @@ async def test_one_broken_connection_does_not_stop_the_server(caplog: pytest.Log
     from hypercorn.config import Config
     from hypercorn.trio.run import WorkerContext
 
-    from aws_outbound_jwt_proxy import serve
+    from aws_outbound_jwt_proxy.server import serve
 
     assert hypercorn.trio.run.TCPServer is serve.GuardedTCPServer  # type: ignore[attr-defined]
     stream = _BrokenStream()

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import trio
 
-from aws_outbound_jwt_proxy import config, sts, tokens
+from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.tokens import sts
+from aws_outbound_jwt_proxy.tokens import supervisor as tokens
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.tokens import RecordingObserver
 

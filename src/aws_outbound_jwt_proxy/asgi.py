@@ -16,8 +16,13 @@ import hypercorn.logging
 import trio
 from quart_trio import QuartTrio
 
-from . import config, flags, health, logs, metrics, serve, sts, tokens
-from .app import create_app
+from .config import flags
+from .config import settings as config
+from .observe import health, logs, metrics
+from .proxy.app import create_app
+from .server import serve
+from .tokens import sts
+from .tokens import supervisor as tokens
 
 log = logging.getLogger("aws_outbound_jwt_proxy.asgi")
 

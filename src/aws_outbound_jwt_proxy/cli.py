@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 
 # name → module whose ``main(argv) -> int`` runs it
 COMMANDS = {
-    "sts-emulator": "aws_outbound_jwt_proxy.emulator.cli",
-    "echo-upstream": "aws_outbound_jwt_proxy.echo",
-    "demo": "aws_outbound_jwt_proxy.demo",
+    "sts-emulator": "aws_outbound_jwt_proxy.devtools.emulator.cli",
+    "echo-upstream": "aws_outbound_jwt_proxy.devtools.echo",
+    "demo": "aws_outbound_jwt_proxy.devtools.demo",
 }
 
 
@@ -20,13 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args[0]])
         run: Callable[[list[str]], int] = module.main
         return run(args[1:])
-    from . import config, flags
+    from .config import flags
+    from .config import settings as config
 
     try:
         settings = config.load(args)
     except flags.ConfigError as exc:
         flags.fail(config.PROG, exc)
     # Imported only now: a config mistake is reported before the stack loads.
-    from . import serve
+    from .server import serve
 
     return serve.main(settings)

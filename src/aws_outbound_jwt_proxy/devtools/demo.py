@@ -18,10 +18,15 @@ from typing import Any
 import httpx
 import trio
 
-from . import config, echo, flags, logs, serve, sts
+from ..config import flags
+from ..config import settings as config
+from ..config.flags import ConfigError, Flag
+from ..observe import logs
+from ..server import serve
+from ..tokens import sts
+from . import echo
 from .emulator import EmulatorOptions
 from .emulator import serve as serve_emulator
-from .flags import ConfigError, Flag
 
 PROG = "aws-outbound-jwt-proxy demo"
 DESCRIPTION = (

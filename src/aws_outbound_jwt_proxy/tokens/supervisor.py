@@ -28,9 +28,10 @@ from typing import Protocol
 
 import trio
 
-from . import config, schedule, sts
+from ..config import settings as config
+from . import schedule, sts
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aws_outbound_jwt_proxy.tokens")
 
 SHUTDOWN = "shutdown"  # error_class when the supervisor is gone
 TIMEOUT = "timeout"  # error_class when a waiting request ran out of time

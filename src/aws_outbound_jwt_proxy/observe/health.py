@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from .tokens import SetState
+from ..tokens.supervisor import SetState
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

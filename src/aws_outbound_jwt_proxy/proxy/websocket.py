@@ -32,6 +32,7 @@ from hypercorn.typing import (
     WebsocketResponseBodyEvent,
 )
 
+from ..routing.router import RouteError
 from . import headers as hdr
 from .forward import (
     BAD_TARGET,
@@ -46,7 +47,6 @@ from .forward import (
     request_target,
     server_address,
 )
-from .routing import RouteError
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio

@@ -22,9 +22,12 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
-from . import flags, health, logs, metrics, sts, tokens
-from .app import create_app
-from .config import Settings
+from ..config import flags
+from ..config.settings import Settings
+from ..observe import health, logs, metrics
+from ..proxy.app import create_app
+from ..tokens import sts
+from ..tokens import supervisor as tokens
 
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
 

@@ -21,12 +21,13 @@ import httpx
 import trio
 from hypercorn.typing import ASGISendCallable
 
-from . import audience
+from ..config.settings import Settings
+from ..routing import audience
+from ..routing.router import RouteError, Router
+from ..routing.target import Target, parse_authority
+from ..tokens.supervisor import TokenSource, TokenUnavailable
 from . import headers as hdr
-from .config import Settings
-from .routing import RouteError, Router, Target
 from .streaming import ClientDisconnected, ProxyRequest, ProxyResponse, close_upstream, plain
-from .tokens import TokenSource, TokenUnavailable
 
 log = logging.getLogger("aws_outbound_jwt_proxy.forward")
 access = logging.getLogger("aws_outbound_jwt_proxy.access")
@@ -224,6 +225,16 @@ def client_ip(scope: Any) -> bytes | None:
     return str(client[0]).encode("ascii", "replace")
 
 
+def build_router(settings: Settings) -> Router:
+    pinned = parse_authority(settings.upstream_scheme, settings.upstream_host) if settings.pinned else None
+    return Router(
+        scheme=settings.upstream_scheme,
+        header=settings.host_header,
+        pinned=pinned,
+        allowed=settings.allowed_upstream_hosts,
+    )
+
+
 class Forwarder:
     """Per-app state (router, resolver, token source, client); ``handle`` runs per request."""
 
@@ -231,8 +242,8 @@ class Forwarder:
         self.settings = settings
         self.tokens = tokens
         self.observer = observer
-        self.router = Router(settings)
-        self.resolver = audience.Resolver(settings)
+        self.router = build_router(settings)
+        self.resolver = audience.Resolver(settings.token_audiences)
         self.timeout = settings.upstream_timeout
         header = settings.host_header.lower().encode("latin-1")
         # Header mode drops its routing header; Host mode rewrites Host anyway.

@@ -25,7 +25,7 @@ from joserfc.errors import (
     MissingClaimError,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aws_outbound_jwt_proxy.verify")
 
 ALGORITHMS = ("RS256", "ES384")
 _KEY_TYPES = ("RSA", "EC")

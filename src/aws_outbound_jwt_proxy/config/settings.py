@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..routing.target import parse_authority
 from . import flags
 from .durations import parse_duration
 from .flags import ConfigError, Flag
@@ -149,7 +150,6 @@ def _positive_int(raw: flags.Raw, name: str) -> int:
 def validate_upstream_host(value: str) -> str:
     if "://" in value:
         raise ConfigError("--upstream-host", f"must be host[:port] without a scheme, got {value!r}")
-    from .routing import parse_authority  # routing imports Settings from here
 
     try:
         parse_authority("https", value)

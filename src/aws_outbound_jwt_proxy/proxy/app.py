@@ -15,10 +15,10 @@ from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
-from .config import Settings
+from ..config.settings import Settings
+from ..tokens.supervisor import TokenSource
 from .forward import Forwarder, NullObserver, RequestObserver
 from .streaming import ProxyHTTPConnection, ProxyRequest, ProxyResponse
-from .tokens import TokenSource
 from .websocket import ProxyWebsocketConnection
 
 

@@ -10,7 +10,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from .. import flags
+from ...config import flags
 from .app import Emulator, EmulatorOptions, create_app
 from .keys import Signer
 

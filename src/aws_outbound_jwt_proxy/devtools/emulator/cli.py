@@ -10,9 +10,10 @@ from pathlib import Path
 
 from joserfc.errors import JoseError
 
-from .. import flags, logs
-from ..flags import ConfigError, Flag
-from ..running import run
+from ...config import flags
+from ...config.flags import ConfigError, Flag
+from ...observe import logs
+from ...server.running import run
 from .app import EmulatorOptions
 from .server import serve
 

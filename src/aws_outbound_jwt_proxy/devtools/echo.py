@@ -30,13 +30,14 @@ from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart_trio import QuartTrio
 
-from . import flags, logs
-from .durations import parse_duration
-from .flags import ConfigError, Flag
-from .running import run
+from ..config import flags
+from ..config.durations import parse_duration
+from ..config.flags import ConfigError, Flag
+from ..observe import logs
+from ..server.running import run
 from .verify import InvalidToken, KeysUnavailable, Verifier
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aws_outbound_jwt_proxy.echo")
 
 PROG = "aws-outbound-jwt-proxy echo-upstream"
 DESCRIPTION = (

@@ -23,7 +23,7 @@ import botocore.exceptions
 
 from . import schedule
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aws_outbound_jwt_proxy.sts")
 
 GLOBAL_ENDPOINT_HOSTS = ("sts.amazonaws.com",)
 MIN_DURATION = 60

@@ -1,4 +1,4 @@
-"""Target → the audience set a token is minted for (REFERENCE.md A4).
+"""Target → the audience set a token is minted for.
 
 Static audiences come from ``--token-audience``; without them the audience is
 ``<scheme>://<host>`` of the target, lower-case, port stripped, IPv6 kept in
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import Settings
-from .routing import Target
+from .target import Target
 
 
 def normalize(audiences: Iterable[str]) -> tuple[str, ...]:
@@ -30,10 +29,10 @@ def dynamic(target: Target) -> str:
 class Resolver:
     """Built once; :meth:`for_target` runs per request and allocates nothing for static sets."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.static: tuple[str, ...] | None = (
-            normalize(settings.token_audiences) if settings.token_audiences else None
-        )
+    def __init__(self, static: Iterable[str] = ()) -> None:
+        """``static``: the configured audiences; empty means dynamic (one per target)."""
+        audiences = normalize(static)
+        self.static: tuple[str, ...] | None = audiences or None
 
     def for_target(self, target: Target) -> tuple[str, ...]:
         if self.static is not None:

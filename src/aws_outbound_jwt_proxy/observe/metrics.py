@@ -31,10 +31,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from ..proxy.forward import NullObserver as NullRequestObserver
+from ..routing.target import Target
+from ..tokens.supervisor import NullObserver, SetState, TokenObserver
 from . import health
-from .forward import NullObserver as NullRequestObserver
-from .routing import Target
-from .tokens import NullObserver, SetState, TokenObserver
 
 CANONICAL_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
