@@ -1,23 +1,24 @@
 """AWS Signature Version 4 checks (pure): parse the Authorization header, recompute the signature.
 
-The canonical request follows the SigV4 specification as botocore's
-``SigV4Auth`` builds it: method, normalised URI path, sorted raw query pairs,
-the signed headers (lower-case name, whitespace-collapsed values, repeated
-values joined by ``,``), the signed-header list and the body's SHA-256 (or the
-``x-amz-content-sha256`` header when the client sent one).
+The expected signature comes from botocore's ``SigV4Auth`` (canonical request,
+string to sign, key derivation), fed the request as received, the client's
+X-Amz-Date and the headers its Authorization header lists as signed.
 """
 
 from __future__ import annotations
 
 import calendar
-import hashlib
 import hmac
-import posixpath
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from http.client import HTTPMessage
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.compat import HTTPHeaders
+from botocore.credentials import Credentials
 
 from .errors import StsError
 
@@ -91,49 +92,28 @@ def parse_authorization(value: str | None) -> Authorization:
     return Authorization(credential[0], credential[1], credential[2], credential[3], headers, signature)
 
 
-def canonical_uri(path: str) -> str:
-    """Normalised and URI-encoded path, as botocore computes it for non-S3 services."""
-    normalized = posixpath.normpath(path or "/")
-    if path.endswith("/") and normalized != "/":
-        normalized += "/"
-    if normalized.startswith("//"):
-        normalized = "/" + normalized.lstrip("/")
-    return quote(normalized, safe="/~")
+class _ClientSignedHeaders(SigV4Auth):
+    """botocore's SigV4 signer over the headers the client says it signed (botocore would pick its own)."""
+
+    def __init__(self, secret: str, auth: Authorization) -> None:
+        super().__init__(Credentials(auth.access_key, secret), auth.service, auth.region)
+        self._signed = dict.fromkeys(auth.signed_headers)
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPMessage:
+        pairs = [(name, value) for name in self._signed for value in request.headers.get_all(name, [""])]
+        return HTTPHeaders.from_pairs(pairs)
 
 
-def canonical_query(query: str) -> str:
-    """Raw ``key=value`` pairs sorted by key then value."""
-    if not query:
-        return ""
-    pairs = sorted(pair.partition("=")[::2] for pair in query.split("&"))
-    return "&".join(f"{key}={value}" for key, value in pairs)
-
-
-def canonical_request(request: SignedRequest, signed_headers: Sequence[str]) -> str:
-    lines = [request.method.upper(), canonical_uri(request.path), canonical_query(request.query)]
-    for name in signed_headers:
-        values = [" ".join(v.split()) for n, v in request.headers if n == name]
-        lines.append(f"{name}:{','.join(values)}")
-    lines.append("")
-    lines.append(";".join(signed_headers))
-    lines.append(request.header("x-amz-content-sha256") or hashlib.sha256(request.body).hexdigest())
-    return "\n".join(lines)
-
-
-def string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
-    return f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
-
-
-def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode(), hashlib.sha256).digest()
-
-
-def signature(secret: str, auth: Authorization, amz_date: str, canonical: str) -> str:
-    key = _hmac(f"AWS4{secret}".encode(), auth.date)
-    for part in (auth.region, auth.service, "aws4_request"):
-        key = _hmac(key, part)
-    return hmac.new(key, string_to_sign(amz_date, auth.scope, canonical).encode(), hashlib.sha256).hexdigest()
+def signature(request: SignedRequest, auth: Authorization, secret: str, amz_date: str) -> str:
+    """The signature botocore computes for ``request`` at ``amz_date`` with ``secret``."""
+    query = f"?{request.query}" if request.query else ""
+    # http: botocore always hashes the payload then (unless x-amz-content-sha256 says otherwise)
+    received = AWSRequest(request.method, f"http://sts{request.path}{query}", data=request.body)
+    received.headers = HTTPHeaders.from_pairs(request.headers)
+    received.context["timestamp"] = amz_date  # what add_auth would set from the clock
+    signer = _ClientSignedHeaders(secret, auth)
+    canonical = signer.canonical_request(received)
+    return signer.signature(signer.string_to_sign(received, canonical), received)
 
 
 def _epoch(amz_date: str) -> int:
@@ -165,7 +145,7 @@ def check(request: SignedRequest, credentials: Mapping[str, str], now: float) ->
         raise StsError("SignatureDoesNotMatch", "Credential scope date does not match X-Amz-Date")
     if abs(now - _epoch(amz_date)) > MAX_SKEW_SECONDS:
         raise StsError("SignatureDoesNotMatch", "Signature expired: request time is more than 15 minutes off")
-    expected = signature(secret, auth, amz_date, canonical_request(request, auth.signed_headers))
+    expected = signature(request, auth, secret, amz_date)
     if not hmac.compare_digest(expected, auth.signature):
         raise StsError("SignatureDoesNotMatch")
     return auth
