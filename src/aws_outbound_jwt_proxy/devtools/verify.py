@@ -25,9 +25,10 @@ from joserfc.errors import (
     MissingClaimError,
 )
 
+from ..config.settings import ALGORITHMS
+
 log = logging.getLogger("aws_outbound_jwt_proxy.verify")
 
-ALGORITHMS = ("RS256", "ES384")
 _KEY_TYPES = ("RSA", "EC")
 # claim name → reason when joserfc finds it invalid
 _CLAIM_REASONS = {
@@ -99,7 +100,7 @@ def read_header(token: str) -> tuple[str, str | None]:
         raise InvalidToken("malformed token") from None
     alg, kid = headers.get("alg"), headers.get("kid")
     if alg not in ALGORITHMS:
-        raise InvalidToken("algorithm not allowed (RS256 or ES384 only)")
+        raise InvalidToken(f"algorithm not allowed ({' or '.join(ALGORITHMS)} only)")
     if kid is not None and not isinstance(kid, str):
         raise InvalidToken("malformed token")
     return alg, kid

@@ -23,11 +23,12 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ...config.settings import ALGORITHMS
 from . import params, render, sigv4
 from .claims import identity_for, token_claims
 from .errors import StsError
 from .faults import Fault, Faults, parse_rules
-from .keys import ALGORITHMS, Signer
+from .keys import Signer
 
 log = logging.getLogger("aws_outbound_jwt_proxy.emulator")
 

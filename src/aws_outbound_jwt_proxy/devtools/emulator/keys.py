@@ -17,7 +17,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
-ALGORITHMS = ("RS256", "ES384")
+from ...config.settings import ALGORITHMS
+
 Key = RSAKey | ECKey
 
 

@@ -3,7 +3,7 @@
 botocore sends lists as ``Audience.member.1=...`` and tag pairs as
 ``Tags.member.1.Key`` / ``Tags.member.1.Value``. Limits follow the STS model:
 1..10 audiences of 1..1000 characters, DurationSeconds 60..3600 (default 300),
-SigningAlgorithm RS256 or ES384 (required), at most 50 tags.
+SigningAlgorithm one of the proxy's ``ALGORITHMS`` (required), at most 50 tags.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ...config.settings import ALGORITHMS
 from .errors import StsError
 
 VERSION = "2011-06-15"
-ALGORITHMS = ("RS256", "ES384")
 DEFAULT_DURATION = 300
 MIN_DURATION, MAX_DURATION = 60, 3600
 MAX_AUDIENCES, MAX_AUDIENCE_CHARS = 10, 1000
@@ -95,7 +95,9 @@ def token_request(params: Mapping[str, str]) -> TokenRequest:
 
     algorithm = params.get("SigningAlgorithm")
     if algorithm not in ALGORITHMS:
-        constraint = "Member must not be null" if algorithm is None else "Member must be RS256 or ES384"
+        constraint = f"Member must be {' or '.join(ALGORITHMS)}"
+        if algorithm is None:
+            constraint = "Member must not be null"
         raise _invalid("signingAlgorithm", algorithm, constraint)
 
     raw_duration = params.get("DurationSeconds")
