@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +25,6 @@ from typing import Any
 import httpx
 import hypercorn.trio
 import trio
-from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart_trio import QuartTrio
 
@@ -35,6 +33,7 @@ from ..config.durations import parse_duration
 from ..config.flags import ConfigError, Flag
 from ..observe import logs
 from ..server.running import run
+from ..server.serve import hypercorn_config
 from .verify import InvalidToken, KeysUnavailable, Verifier
 
 log = logging.getLogger("aws_outbound_jwt_proxy.echo")
@@ -245,15 +244,6 @@ class EchoApp(QuartTrio):
 # ---- serving -------------------------------------------------------------
 
 
-def hypercorn_config(options: Options) -> Config:
-    config = Config()
-    config.bind = [flags.bind_string(options.host, options.port)]
-    config.accesslog = None  # EchoApp logs one line per request itself
-    config.errorlog = logging.getLogger("hypercorn.error")  # through logs.setup's handler
-    config.keep_alive_max_requests = sys.maxsize  # hypercorn's default closes after 1,000
-    return config
-
-
 async def serve(options: Options, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Bind, report the real base URL (``http://127.0.0.1:PORT``) via task_status, serve until cancelled."""
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
@@ -262,7 +252,8 @@ async def serve(options: Options, *, task_status: trio.TaskStatus[str] = trio.TA
             verifier = Verifier(options.issuer, options.audience, options.leeway, http)
         app = EchoApp(verifier)
         async with trio.open_nursery() as nursery:
-            config = hypercorn_config(options)
+            config = hypercorn_config(options.host, options.port)  # no access log: EchoApp logs each request
+            config.include_server_header = config.include_date_header = True  # a plain server's headers
             binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
             url = binds[0]
             log.info(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from functools import partial
 
 import hypercorn.trio
 import trio
-from hypercorn.config import Config
 
-from ...config import flags
+from ...server.serve import hypercorn_config
 from .app import Emulator, EmulatorOptions, create_app
 from .keys import Signer
 
@@ -26,15 +24,6 @@ def issuer_for(base_url: str) -> str:
     return f"{scheme}://{_WILDCARDS.get(host, host)}:{port}"
 
 
-def hypercorn_config(options: EmulatorOptions) -> Config:
-    config = Config()
-    config.bind = [flags.bind_string(options.host, options.port)]
-    config.accesslog = None  # the app logs one line per STS call
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_max_requests = sys.maxsize
-    return config
-
-
 async def serve(
     options: EmulatorOptions, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -46,8 +35,10 @@ async def serve(
     signer = await trio.to_thread.run_sync(Signer.create, options.key_dir)
     emulator = Emulator(options, signer)
     app = create_app(emulator)
+    config = hypercorn_config(options.host, options.port)  # no access log: the app logs each STS call
+    config.include_server_header = config.include_date_header = True  # as STS does; only the proxy omits them
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, hypercorn_config(options)))
+        binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
         url = binds[0]
         emulator.issuer = options.issuer or issuer_for(url)
         log.info(
