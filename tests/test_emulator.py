@@ -63,18 +63,23 @@ def verify(issuer: str, token: str, audience: str) -> tuple[dict[str, Any], dict
     return dict(decoded.header), dict(decoded.claims)
 
 
-def signed_post(
+def sigv4_headers(
     url: str,
-    form: list[tuple[str, str]],
+    body: str,
     access_key: str = DUMMY_ACCESS_KEY,
     secret_key: str = DUMMY_SECRET_KEY,
-    timeout: float = 10,
-) -> httpx.Response:
+    region: str = "us-east-1",
+) -> dict[str, str]:
+    """The headers botocore's SigV4Auth gives a Query-protocol POST of ``body`` to ``url``."""
+    req = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": FORM})
+    SigV4Auth(Credentials(access_key, secret_key), "sts", region).add_auth(req)
+    return dict(req.headers.items())
+
+
+def signed_post(url: str, form: list[tuple[str, str]], timeout: float = 10) -> httpx.Response:
     """A Query-protocol POST signed with botocore's SigV4Auth (bypasses boto3's client-side checks)."""
     body = urlencode(form)
-    req = AWSRequest(method="POST", url=f"{url}/", data=body, headers={"Content-Type": FORM})
-    SigV4Auth(Credentials(access_key, secret_key), "sts", "us-east-1").add_auth(req)
-    return httpx.post(f"{url}/", content=body, headers=dict(req.headers.items()), timeout=timeout)
+    return httpx.post(f"{url}/", content=body, headers=sigv4_headers(f"{url}/", body), timeout=timeout)
 
 
 def error_of(response: httpx.Response) -> tuple[str, str, str]:
@@ -95,10 +100,12 @@ def gwit(*audiences: str, **extra: str) -> list[tuple[str, str]]:
     return form + list(extra.items())
 
 
-def client_error(call: Any, **kwargs: Any) -> dict[str, Any]:
+def client_error(call: Any, **kwargs: Any) -> tuple[str, int, str]:
+    """(Code, HTTP status, Type) of the ClientError ``call(**kwargs)`` raises."""
     with pytest.raises(botocore.exceptions.ClientError) as info:
         call(**kwargs)
-    return dict(info.value.response)
+    error, meta = info.value.response["Error"], info.value.response["ResponseMetadata"]
+    return error["Code"], meta["HTTPStatusCode"], error.get("Type", "")
 
 
 # ---- tokens through boto3 ------------------------------------------------
@@ -200,26 +207,22 @@ def test_strict_mode_accepts_the_right_secret(sts_emulator_strict: StsEmulator) 
 def test_strict_mode_rejects_wrong_secret(sts_emulator_strict: StsEmulator) -> None:
     sts = sts_emulator_strict.boto3_client(aws_secret_access_key="not-the-secret")
     err = client_error(sts.get_web_identity_token, Audience=["x"], SigningAlgorithm="RS256")
-    assert err["Error"]["Code"] == "SignatureDoesNotMatch"
-    assert err["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert err[:2] == ("SignatureDoesNotMatch", 403)
     assert sts_emulator_strict.calls()[-1]["result"] == "SignatureDoesNotMatch"
 
 
 def test_strict_mode_rejects_unknown_key(sts_emulator_strict: StsEmulator) -> None:
     sts = sts_emulator_strict.boto3_client(aws_access_key_id="AKIAUNKNOWN")
-    err = client_error(sts.get_caller_identity)
-    assert err["Error"]["Code"] == "InvalidClientTokenId"
-    assert err["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert client_error(sts.get_caller_identity)[:2] == ("InvalidClientTokenId", 403)
 
 
 def test_strict_mode_rejects_tampered_body(sts_emulator_strict: StsEmulator) -> None:
     body = urlencode(gwit("x", SigningAlgorithm="RS256"))
     url = f"{sts_emulator_strict.url}/"
-    req = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": FORM})
-    SigV4Auth(Credentials(STRICT_ACCESS_KEY, STRICT_SECRET_KEY), "sts", "us-east-1").add_auth(req)
-    ok = httpx.post(url, content=body, headers=dict(req.headers.items()))
+    headers = sigv4_headers(url, body, STRICT_ACCESS_KEY, STRICT_SECRET_KEY)
+    ok = httpx.post(url, content=body, headers=headers)
     assert ok.status_code == 200
-    tampered = httpx.post(url, content=body.replace("RS256", "ES384"), headers=dict(req.headers.items()))
+    tampered = httpx.post(url, content=body.replace("RS256", "ES384"), headers=headers)
     assert tampered.status_code == 403
     assert error_of(tampered)[:2] == ("Sender", "SignatureDoesNotMatch")
 
@@ -229,8 +232,7 @@ def test_unsigned_request_is_refused(sts_emulator: StsEmulator) -> None:
         config=Config(signature_version=UNSIGNED, retries={"total_max_attempts": 1})
     )
     err = client_error(sts.get_web_identity_token, Audience=["x"], SigningAlgorithm="RS256")
-    assert err["Error"]["Code"] == "MissingAuthenticationToken"
-    assert err["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert err[:2] == ("MissingAuthenticationToken", 403)
 
 
 def test_malformed_authorization_header(sts_emulator: StsEmulator) -> None:
@@ -320,9 +322,7 @@ def test_fault_error_codes_reach_boto3(sts_emulator: StsEmulator, code: str, sta
     err = client_error(
         sts_emulator.boto3_client().get_web_identity_token, Audience=["a"], SigningAlgorithm="RS256"
     )
-    assert err["Error"]["Code"] == code
-    assert err["Error"]["Type"] == type_
-    assert err["ResponseMetadata"]["HTTPStatusCode"] == status
+    assert err == (code, status, type_)
     assert [c["result"] for c in sts_emulator.calls()] == [code]
 
 
@@ -330,9 +330,7 @@ def test_fault_count_is_used_up(sts_emulator: StsEmulator) -> None:
     sts_emulator.set_faults(error="Throttling", count=2)
     sts = sts_emulator.boto3_client()
     for _ in range(2):
-        assert client_error(sts.get_web_identity_token, Audience=["a"], SigningAlgorithm="RS256")["Error"][
-            "Code"
-        ]
+        assert client_error(sts.get_web_identity_token, Audience=["a"], SigningAlgorithm="RS256")[0]
     assert sts.get_web_identity_token(Audience=["a"], SigningAlgorithm="RS256")["WebIdentityToken"]
     assert [c["result"] for c in sts_emulator.calls()] == ["Throttling", "Throttling", "ok"]
 
@@ -346,7 +344,7 @@ def test_fault_audience_filter(sts_emulator: StsEmulator) -> None:
         Audience=["https://ok.example", "https://denied.example"],
         SigningAlgorithm="RS256",
     )
-    assert err["Error"]["Code"] == "AccessDenied"
+    assert err[0] == "AccessDenied"
     assert sts.get_caller_identity()["Account"]  # no audience, no match
 
 
@@ -568,9 +566,8 @@ def test_render_error_and_success_are_namespaced_xml() -> None:
 
 
 def _botocore_signed(secret: str, body: str) -> sigv4.SignedRequest:
-    req = AWSRequest(method="POST", url="http://127.0.0.1:4566/", data=body, headers={"Content-Type": FORM})
-    SigV4Auth(Credentials("AKID", secret), "sts", "eu-west-1").add_auth(req)
-    headers = [(k.lower(), v) for k, v in req.headers.items()] + [("host", "127.0.0.1:4566")]
+    signed = sigv4_headers("http://127.0.0.1:4566/", body, "AKID", secret, "eu-west-1")
+    headers = [(k.lower(), v) for k, v in signed.items()] + [("host", "127.0.0.1:4566")]
     return sigv4.SignedRequest("POST", "/", "", headers, body.encode())
 
 
