@@ -30,6 +30,7 @@ from aws_outbound_jwt_proxy.config.flags import ConfigError
 from aws_outbound_jwt_proxy.devtools import echo, verify
 from tests.fixtures.echo import EchoFactory, EchoUpstream, start_echo
 from tests.fixtures.emulator import EmulatorProcess, StsEmulator
+from tests.fixtures.upstreams import refused_port
 
 AUDIENCE = "https://api.example.com"
 # Anything shaped like a compact JWS (header.payload.signature); a log line must never hold one.
@@ -42,6 +43,10 @@ def b64(data: bytes) -> str:
 
 def b64json(doc: dict[str, Any]) -> str:
     return b64(json.dumps(doc).encode())
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 class Issuer:
@@ -94,32 +99,38 @@ class Issuer:
         header = {"alg": alg, "typ": "JWT", "kid": key.kid}
         return jwt.encode(header, claims, key, algorithms=[alg])
 
-    def close(self) -> None:
+    def __enter__(self) -> Issuer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
 def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    yield server
-    server.close()
+    with Issuer() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def shared_issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    server.add_key(jwk.ECKey.generate_key("P-384", parameters={"kid": "ec-1"}))
-    yield server
-    server.close()
+    with Issuer() as server:
+        server.add_key(jwk.ECKey.generate_key("P-384", parameters={"kid": "ec-1"}))
+        yield server
+
+
+def verifying_echo_for(issuer_url: str) -> Iterator[EchoUpstream]:
+    """Body of a module-scoped fixture: an echo verifying tokens for AUDIENCE from ``issuer_url``."""
+    upstream = start_echo(issuer_url, AUDIENCE)
+    yield upstream
+    upstream.stop()
 
 
 @pytest.fixture(scope="module")
 def verifying_echo(shared_issuer: Issuer) -> Iterator[EchoUpstream]:
     """One verifying echo for the many reject/accept cases (module-scoped: one start-up)."""
-    upstream = start_echo(shared_issuer.url, AUDIENCE)
-    yield upstream
-    upstream.stop()
+    yield from verifying_echo_for(shared_issuer.url)
 
 
 def raw_request(host: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -201,7 +212,7 @@ async def test_serve_in_process_reports_its_url_and_stops_on_cancel(issuer: Issu
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         async with httpx.AsyncClient(base_url=url) as client:
             token = issuer.sign(issuer.claims())
-            ok = await client.get("/in-process", headers={"Authorization": f"Bearer {token}"})
+            ok = await client.get("/in-process", headers=bearer(token))
             refused = await client.get("/in-process")
         nursery.cancel_scope.cancel()
     assert ok.status_code == 200
@@ -381,6 +392,7 @@ def ec_key_for_rs256(shared: Issuer) -> str:
     return jwt.encode(header, shared.claims(), shared.keys[0], algorithms=["RS256"])
 
 
+NOT_ALLOWED = "algorithm not allowed (RS256 or ES384 only)"
 BAD_TOKENS = {
     "forged": (forged, "bad signature"),
     "tampered": (tampered, "bad signature"),
@@ -390,9 +402,9 @@ BAD_TOKENS = {
     "no-audience": (lambda s: s.sign(s.claims(aud=None)), "missing claim: aud"),
     "wrong-issuer": (lambda s: s.sign(s.claims(iss="https://evil.example")), "wrong issuer"),
     "no-exp": (lambda s: s.sign(s.claims(exp=None)), "missing claim: exp"),
-    "alg-none": (alg_none, "algorithm not allowed (RS256 or ES384 only)"),
-    "hs256-public-key": (hs256_with_public_key, "algorithm not allowed (RS256 or ES384 only)"),
-    "rs384": (rs384, "algorithm not allowed (RS256 or ES384 only)"),
+    "alg-none": (alg_none, NOT_ALLOWED),
+    "hs256-public-key": (hs256_with_public_key, NOT_ALLOWED),
+    "rs384": (rs384, NOT_ALLOWED),
     "key-type-mismatch": (ec_key_for_rs256, "token does not match its key"),
     "malformed": (lambda s: "not-a-jwt", "malformed token"),
 }
@@ -404,7 +416,7 @@ def test_verifier_rejects(case: str, shared_issuer: Issuer, verifying_echo: Echo
     token = make(shared_issuer)
     response = httpx.post(
         f"{verifying_echo.url}/protected?case={case}",
-        headers={"Authorization": f"Bearer {token}"},
+        headers=bearer(token),
         content=b"payload",
     )
     assert response.status_code == 401
@@ -441,9 +453,7 @@ def test_verifier_rejects_missing_bearer(authorization: str | None, verifying_ec
 @pytest.fixture(scope="module")
 def emulator_echo(sts_emulator_process: EmulatorProcess) -> Iterator[EchoUpstream]:
     """A verifying echo trusting the project's STS emulator (the session-wide process)."""
-    upstream = start_echo(sts_emulator_process.issuer, AUDIENCE)
-    yield upstream
-    upstream.stop()
+    yield from verifying_echo_for(sts_emulator_process.issuer)
 
 
 def mint(emulator: StsEmulator, audiences: list[str], alg: str = "RS256") -> str:
@@ -459,9 +469,7 @@ def test_emulator_token_is_accepted_and_claims_echoed(
     alg: str, sts_emulator: StsEmulator, emulator_echo: EchoUpstream
 ) -> None:
     token = mint(sts_emulator, ["https://other.example", AUDIENCE], alg)
-    response = httpx.put(
-        f"{emulator_echo.url}/ok?alg={alg}", headers={"Authorization": f"Bearer {token}"}, content=b"abc"
-    )
+    response = httpx.put(f"{emulator_echo.url}/ok?alg={alg}", headers=bearer(token), content=b"abc")
     assert response.status_code == 200, response.text
     doc = response.json()
     claims = doc["claims"]
@@ -487,7 +495,7 @@ def test_emulator_expired_token_is_rejected_beyond_leeway(
 ) -> None:
     sts_emulator.set_faults(expiration_seconds=expiration_seconds, count=1)
     token = mint(sts_emulator, [AUDIENCE])
-    response = httpx.get(f"{emulator_echo.url}/", headers={"Authorization": f"Bearer {token}"})
+    response = httpx.get(f"{emulator_echo.url}/", headers=bearer(token))
     assert response.status_code == status, response.text
     if status == 401:
         assert response.json() == {"error": "invalid_token", "reason": "token expired"}
@@ -497,7 +505,7 @@ def test_emulator_token_for_another_audience_is_rejected(
     sts_emulator: StsEmulator, emulator_echo: EchoUpstream
 ) -> None:
     token = mint(sts_emulator, ["https://other.example"])
-    response = httpx.get(f"{emulator_echo.url}/", headers={"Authorization": f"Bearer {token}"})
+    response = httpx.get(f"{emulator_echo.url}/", headers=bearer(token))
     assert response.status_code == 401
     assert response.json() == {"error": "invalid_token", "reason": "wrong audience"}
 
@@ -505,7 +513,7 @@ def test_emulator_token_for_another_audience_is_rejected(
 def test_es384_token_from_own_key_is_accepted(shared_issuer: Issuer, verifying_echo: EchoUpstream) -> None:
     ec_key = next(k for k in shared_issuer.keys if k.kid == "ec-1")
     token = shared_issuer.sign(shared_issuer.claims(), key=ec_key, alg="ES384")
-    response = httpx.get(f"{verifying_echo.url}/", headers={"Authorization": f"Bearer {token}"})
+    response = httpx.get(f"{verifying_echo.url}/", headers=bearer(token))
     assert response.status_code == 200, response.text
 
 
@@ -514,10 +522,10 @@ def test_without_audience_flag_any_audience_is_accepted_but_required(
 ) -> None:
     upstream = echo_upstream(issuer.url)
     with httpx.Client(base_url=upstream.url) as client:
-        ok = client.get("/", headers={"Authorization": f"Bearer {issuer.sign(issuer.claims(aud='x'))}"})
+        ok = client.get("/", headers=bearer(issuer.sign(issuer.claims(aud="x"))))
         assert ok.status_code == 200
         assert ok.json()["claims"]["aud"] == "x"
-        missing = client.get("/", headers={"Authorization": f"Bearer {issuer.sign(issuer.claims(aud=None))}"})
+        missing = client.get("/", headers=bearer(issuer.sign(issuer.claims(aud=None))))
         assert missing.status_code == 401
         assert missing.json()["reason"] == "missing claim: aud"
 
@@ -525,39 +533,34 @@ def test_without_audience_flag_any_audience_is_accepted_but_required(
 def test_unknown_kid_refetches_jwks_once(issuer: Issuer, echo_upstream: EchoFactory) -> None:
     upstream = echo_upstream(issuer.url, AUDIENCE)
     with httpx.Client(base_url=upstream.url) as client:
-        first = client.get("/", headers={"Authorization": f"Bearer {issuer.sign(issuer.claims())}"})
+        first = client.get("/", headers=bearer(issuer.sign(issuer.claims())))
         assert first.status_code == 200
         assert issuer.jwks_hits == 1
-        again = client.get("/", headers={"Authorization": f"Bearer {issuer.sign(issuer.claims())}"})
+        again = client.get("/", headers=bearer(issuer.sign(issuer.claims())))
         assert again.status_code == 200
         assert issuer.jwks_hits == 1  # cached
 
         rotated = jwk.RSAKey.generate_key(2048, parameters={"kid": "rsa-2"})
         issuer.add_key(rotated)
         token = issuer.sign(issuer.claims(), key=rotated)
-        response = client.get("/", headers={"Authorization": f"Bearer {token}"})
+        response = client.get("/", headers=bearer(token))
         assert response.status_code == 200, response.text
         assert issuer.jwks_hits == 2  # one refetch for the new kid
 
         stranger = jwk.RSAKey.generate_key(2048, parameters={"kid": "never-published"})
         for _ in range(3):
-            response = client.get(
-                "/", headers={"Authorization": f"Bearer {issuer.sign(issuer.claims(), stranger)}"}
-            )
+            response = client.get("/", headers=bearer(issuer.sign(issuer.claims(), stranger)))
             assert response.status_code == 401
             assert response.json()["reason"] == "unknown key id"
         assert issuer.jwks_hits == 2  # junk kids do not make it hammer the issuer
 
 
 def test_unreachable_issuer_is_503(echo_upstream: EchoFactory) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    upstream = echo_upstream(f"http://127.0.0.1:{closed_port}")
+    upstream = echo_upstream(f"http://127.0.0.1:{refused_port()}")
     response = httpx.get(upstream.url + "/", headers={"Authorization": "Bearer a.b.c"})
     assert response.status_code == 401  # malformed before any fetch
     token = "eyJhbGciOiJSUzI1NiJ9.e30.c2ln"
-    response = httpx.get(upstream.url + "/", headers={"Authorization": f"Bearer {token}"})
+    response = httpx.get(upstream.url + "/", headers=bearer(token))
     assert response.status_code == 503
     assert response.json() == {"error": "keys_unavailable", "reason": "discovery fetch failed: ConnectError"}
 
