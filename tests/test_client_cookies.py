@@ -7,7 +7,7 @@ import ssl
 import httpx
 
 from aws_outbound_jwt_proxy.config import settings as config
-from aws_outbound_jwt_proxy.proxy import forward
+from aws_outbound_jwt_proxy.proxy import upstream as forward
 
 
 async def test_client_cookie_store_ignores_set_cookie() -> None:

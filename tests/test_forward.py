@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import Any
@@ -10,8 +11,9 @@ import h11
 import httpx
 import pytest
 import trio
+import trio_websocket
 
-from aws_outbound_jwt_proxy.proxy.forward import classify
+from aws_outbound_jwt_proxy.proxy.exchange import UpstreamFailure, UpstreamTimeout, classify
 from aws_outbound_jwt_proxy.routing.target import Target
 from tests.fixtures.proxy import (
     FAKE_JWT,
@@ -395,9 +397,15 @@ def test_classify_upstream_failures() -> None:
     refused = httpx.ConnectError("x")
     refused.__cause__ = OSError("all attempts failed")
     refused.__cause__.__cause__ = ConnectionRefusedError(111, "refused")
-    assert classify(refused) == (502, "upstream unavailable\n", "connection_refused")
-    assert classify(httpx.ConnectTimeout("t"))[::2] == (504, "timeout")
-    assert classify(httpx.RemoteProtocolError("reset"))[::2] == (502, "unknown")
+    assert classify(refused) == UpstreamFailure(502, "upstream unavailable\n", "connection_refused")
+    assert classify(httpx.ConnectTimeout("t")) == UpstreamFailure(504, "upstream timeout\n", "timeout")
+    assert classify(UpstreamTimeout("no headers")).error_type == "timeout"
+    assert classify(trio_websocket.ConnectionTimeout()).error_type == "timeout"
+    assert classify(httpx.RemoteProtocolError("reset")) == UpstreamFailure(
+        502, "upstream unavailable\n", "unknown"
+    )
+    group = BaseExceptionGroup("g", [OSError(errno.ECONNREFUSED, "refused")])
+    assert classify(group).error_type == "connection_refused"
 
 
 async def test_head_and_expect_continue(upstream: Upstream) -> None:

@@ -28,6 +28,7 @@ from aws_outbound_jwt_proxy.config import settings as config
 from aws_outbound_jwt_proxy.observe import health, metrics
 from aws_outbound_jwt_proxy.observe.metrics import Metrics, NullMetrics, drop_empty_labels
 from aws_outbound_jwt_proxy.proxy.app import create_app
+from aws_outbound_jwt_proxy.proxy.exchange import Exchange, classify
 from aws_outbound_jwt_proxy.routing.target import Target
 from aws_outbound_jwt_proxy.server import serve
 from aws_outbound_jwt_proxy.tokens import sts
@@ -43,14 +44,21 @@ def parse_openmetrics(text: str) -> list[Metric]:
 # ---- label rules (pure) ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(metrics.CANONICAL_METHODS))
-def test_canonical_methods_kept(method: str) -> None:
-    assert metrics.method_label(method) == method
+def error_type(exc: BaseException) -> str:
+    """The error_type label the one classifier gives a lower-layer exception."""
+    return classify(exc).error_type
 
 
-@pytest.mark.parametrize("method", ["get", "PROPFIND", "BREW", "", "GET ", "Post"])
-def test_other_methods_are_other(method: str) -> None:
-    assert metrics.method_label(method) == "_OTHER"
+def test_method_label_is_canonical_method_or_other() -> None:
+    m = Metrics()
+    others = ["get", "PROPFIND", "BREW", "", "GET ", "Post"]
+    for method in [*metrics.CANONICAL_METHODS, *others]:
+        m.request_finished(method, 200, 0.001)
+    fams = parse_scrape(m.render("")[0].decode())
+    count = partial(value, fams, "http_server_request_duration_seconds_count")
+    for method in metrics.CANONICAL_METHODS:
+        assert count(http_request_method=method, http_response_status_code="200") == 1
+    assert count(http_request_method="_OTHER", http_response_status_code="200") == len(others)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +87,7 @@ async def test_error_type_connection_refused_from_real_connect() -> None:
     async with httpx.AsyncClient() as client:
         with pytest.raises(httpx.ConnectError) as info:
             await client.get(f"http://127.0.0.1:{_closed_port()}/")
-    assert metrics.error_type(info.value) == "connection_refused"
+    assert error_type(info.value) == "connection_refused"
 
 
 async def test_error_type_timeout_from_silent_server() -> None:
@@ -90,7 +98,7 @@ async def test_error_type_timeout_from_silent_server() -> None:
         async with httpx.AsyncClient(timeout=0.2) as client:
             with pytest.raises(httpx.TimeoutException) as info:
                 await client.get(f"http://127.0.0.1:{port}/")
-    assert metrics.error_type(info.value) == "timeout"
+    assert error_type(info.value) == "timeout"
 
 
 async def test_error_type_unknown_for_a_dropped_connection() -> None:
@@ -105,13 +113,13 @@ async def test_error_type_unknown_for_a_dropped_connection() -> None:
             with pytest.raises(httpx.HTTPError) as info:
                 await client.get(f"http://127.0.0.1:{port}/")
         nursery.cancel_scope.cancel()
-    assert metrics.error_type(info.value) == "unknown"
+    assert error_type(info.value) == "unknown"
 
 
 def test_error_type_unknown_for_connect_errors_other_than_refused() -> None:
-    assert metrics.error_type(httpx.ConnectError("name resolution failed")) == "unknown"
-    assert metrics.error_type(ValueError("x")) == "unknown"
-    assert metrics.error_type(httpx.ConnectTimeout("slow")) == "timeout"
+    assert error_type(httpx.ConnectError("name resolution failed")) == "unknown"
+    assert error_type(ValueError("x")) == "unknown"
+    assert error_type(httpx.ConnectTimeout("slow")) == "timeout"
 
 
 # ---- series: names, types, labels --------------------------------------------------
@@ -215,9 +223,10 @@ def test_request_observer_hook_maps_outcomes() -> None:
         ("GET", 400, 0.001, None, None, None, None),  # not routed: no outbound record
         ("PUT", 499, 0.2, api, "ok", None, None),  # client left mid-call: no outcome
     ]
-    for outcome in outcomes:
+    for method, status, duration, target, token_result, error_type, upstream_seconds in outcomes:
         m.started()
-        m.finished(*outcome)
+        ex = Exchange(method, "/", 0.0, target, status, token_result, error_type, upstream_seconds)
+        m.finished(ex, duration)
     fams = parse_scrape(m.render("")[0].decode())
     count = partial(value, fams, "http_client_request_duration_seconds_count")
     assert count(server_address="api.example.com", token_result="ok") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aws_outbound_jwt_proxy.config import settings as config
-from aws_outbound_jwt_proxy.proxy.forward import build_router
+from aws_outbound_jwt_proxy.proxy.plan import build_router
 from aws_outbound_jwt_proxy.routing import audience
 from aws_outbound_jwt_proxy.routing.router import RouteError, Router, host_allowed
 from aws_outbound_jwt_proxy.routing.target import Target, parse_authority

@@ -372,34 +372,6 @@ def test_hypercorn_command_serves_the_same_app(
     assert any(r["msg"] == "request" and r["path"] == "/via-hypercorn" for r in records)
 
 
-class _BrokenStream:
-    """A connection whose socket cannot even be inspected (stands in for any reader bug)."""
-
-    closed = False
-
-    @property
-    def socket(self) -> Any:
-        raise ValueError("boom")
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-async def test_one_broken_connection_does_not_stop_the_server(caplog: pytest.LogCaptureFixture) -> None:
-    import hypercorn.trio.run
-    from hypercorn.config import Config
-    from hypercorn.trio.run import WorkerContext
-
-    from aws_outbound_jwt_proxy.server import serve
-
-    assert hypercorn.trio.run.TCPServer is serve.GuardedTCPServer  # type: ignore[attr-defined]
-    stream = _BrokenStream()
-    server = serve.GuardedTCPServer(None, Config(), WorkerContext(None), {}, stream)
-    await server.run()  # returns instead of raising into hypercorn's serve loop
-    assert stream.closed
-    assert any(r.getMessage() == "connection failed" for r in caplog.records)
-
-
 def test_h2c_upgrade(
     sts_emulator: StsEmulator, echo_upstream: EchoFactory, proxy_process: ProxyFactory
 ) -> None:

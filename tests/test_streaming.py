@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from tests.fixtures.emulator import StsEmulator
+from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
 from tests.fixtures.proxy import AccessLog, FixedTokens, proxy_settings, running_proxy
 from tests.fixtures.upstreams import Silent, Upstream, serve_raw
 
@@ -96,46 +95,27 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-@contextmanager
-def _child(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    script = Path(__file__).with_name("proxy_child.py")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *flags],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the child prints LISTENING <url> once bound (or exits)
-        assert line.startswith("LISTENING "), f"proxy child did not start: {line!r}"
-        yield proc, line.split()[1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+@pytest.fixture
+def real_proxy(proxy_process: ProxyFactory, sts_emulator: StsEmulator) -> ProxyProcess:
+    """The real proxy process (tokens from the STS emulator), for RSS measurements."""
+    env = sts_emulator.subprocess_env(base_env())
+    return proxy_process([*HTTP, "--metrics-enabled", "false"], env)
 
 
 @asynccontextmanager
-async def _measured(
-    proc: subprocess.Popen[str], url: str, upstream_host: str
-) -> AsyncIterator[dict[str, int]]:
+async def _measured(proxy: ProxyProcess, upstream_host: str) -> AsyncIterator[dict[str, int]]:
     """Warm the proxy up, reset its peak RSS, yield; afterwards the dict holds the numbers."""
+    url, pid = proxy.url, proxy.proc.pid
     async with httpx.AsyncClient() as client:
         for _ in range(3):
             await client.post(url + "/warm", headers={"X-Upstream-Host": upstream_host}, content=b"w" * MIB)
-    with open(f"/proc/{proc.pid}/clear_refs", "w") as f:  # noqa: ASYNC230 (procfs write, instant)
+    with open(f"/proc/{pid}/clear_refs", "w") as f:  # noqa: ASYNC230 (procfs write, instant)
         f.write("5")  # reset VmHWM to the current RSS
-    numbers = {"baseline": _status(proc.pid)["VmRSS"]}
+    numbers = {"baseline": _status(pid)["VmRSS"]}
     start = trio.current_time()
     yield numbers
     numbers["seconds"] = int(trio.current_time() - start)
-    numbers["peak"] = _status(proc.pid)["VmHWM"]
+    numbers["peak"] = _status(pid)["VmHWM"]
     numbers["growth"] = numbers["peak"] - numbers["baseline"]
     print(
         f"RSS baseline {numbers['baseline'] / MIB:.1f} MiB, peak {numbers['peak'] / MIB:.1f} MiB, "
@@ -163,7 +143,9 @@ def _content_length(head: bytes) -> int:
 
 
 @pytest.mark.slow
-async def test_1gb_upload_to_slow_upstream_keeps_rss_flat(nursery: trio.Nursery) -> None:
+async def test_1gb_upload_to_slow_upstream_keeps_rss_flat(
+    nursery: trio.Nursery, real_proxy: ProxyProcess
+) -> None:
     received: list[int] = []
 
     async def slow_reader(stream: trio.SocketStream) -> None:
@@ -195,20 +177,22 @@ async def test_1gb_upload_to_slow_upstream_keeps_rss_flat(nursery: trio.Nursery)
         for _ in range(GIB // MIB):
             yield block
 
-    with _child(*HTTP) as (proc, url):
-        async with _measured(proc, url, host) as numbers, httpx.AsyncClient(timeout=120) as client:
-            r = await client.post(
-                url + "/upload",
-                headers={"X-Upstream-Host": host, "Content-Length": str(GIB)},
-                content=upload(),
-            )
+    url = real_proxy.url
+    async with _measured(real_proxy, host) as numbers, httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(
+            url + "/upload",
+            headers={"X-Upstream-Host": host, "Content-Length": str(GIB)},
+            content=upload(),
+        )
     assert r.status_code == 200 and r.text == str(GIB)
     assert received[-1] == GIB
     assert numbers["growth"] < RSS_BUDGET, numbers
 
 
 @pytest.mark.slow
-async def test_1gb_download_to_slow_client_keeps_rss_flat(nursery: trio.Nursery) -> None:
+async def test_1gb_download_to_slow_client_keeps_rss_flat(
+    nursery: trio.Nursery, real_proxy: ProxyProcess
+) -> None:
     block = b"d" * MIB
 
     async def big_sender(stream: trio.SocketStream) -> None:
@@ -226,16 +210,16 @@ async def test_1gb_download_to_slow_client_keeps_rss_flat(nursery: trio.Nursery)
 
     port = await serve_raw(nursery, big_sender)
     host = f"127.0.0.1:{port}"
-    with _child(*HTTP) as (proc, url):
-        async with _measured(proc, url, host) as numbers, httpx.AsyncClient(timeout=120) as client:
-            got, paused = 0, False
-            async with client.stream("GET", url + "/big", headers={"X-Upstream-Host": host}) as r:
-                assert r.status_code == 200 and r.headers["content-length"] == str(GIB)
-                async for chunk in r.aiter_raw():
-                    got += len(chunk)
-                    if not paused and got > 32 * MIB:
-                        paused = True
-                        await trio.sleep(PAUSE)  # the client stops reading; the upstream keeps sending
+    url = real_proxy.url
+    async with _measured(real_proxy, host) as numbers, httpx.AsyncClient(timeout=120) as client:
+        got, paused = 0, False
+        async with client.stream("GET", url + "/big", headers={"X-Upstream-Host": host}) as r:
+            assert r.status_code == 200 and r.headers["content-length"] == str(GIB)
+            async for chunk in r.aiter_raw():
+                got += len(chunk)
+                if not paused and got > 32 * MIB:
+                    paused = True
+                    await trio.sleep(PAUSE)  # the client stops reading; the upstream keeps sending
     assert got == GIB
     assert numbers["growth"] < RSS_BUDGET, numbers
 

@@ -1,6 +1,6 @@
 """Prometheus series of the proxy: label rules, cheap recording, one registry per app.
 
-:class:`Metrics` owns every series (REFERENCE.md A5 plus our token series) and
+:class:`Metrics` owns every series (the reference's series plus our token series) and
 renders the scrape. Recording resolves label children once per label tuple and
 keeps them in a dict, so the hot path is a dict lookup and an ``observe``.
 :class:`NullMetrics` has the same methods and records nothing (metrics off).
@@ -15,24 +15,21 @@ stops so its live gauges leave the sum.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-import httpcore
-import httpx
 import prometheus_client
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from ..proxy.forward import NullObserver as NullRequestObserver
-from ..routing.target import Target
+from ..proxy.exchange import TOKEN_OK, Exchange
+from ..proxy.exchange import NullObserver as NullRequestObserver
+from ..routing.target import DEFAULT_PORTS
 from ..tokens.supervisor import NullObserver, SetState, TokenObserver
 from . import health
 
@@ -40,16 +37,10 @@ CANONICAL_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER_METHOD = "_OTHER"
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # 1 ms .. 30 s: fast local upstreams up to --upstream-timeout's default.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-TIMEOUT = "timeout"
-CONNECTION_REFUSED = "connection_refused"
-UNKNOWN = "unknown"
-TOKEN_OK = "ok"
-TOKEN_FETCH_ERROR = "fetch_error"
-TOKEN_RESOLVER_ERROR = "resolver_error"
+UNKNOWN = "unknown"  # error_class of a failed fetch that carried none
 
 EXPIRY = "token_expiry_seconds"
 # Multi-process mode only: each worker writes its tokens' expiry (unix time) here;
@@ -73,43 +64,11 @@ def drop_empty_labels(text: bytes) -> bytes:
     return _EMPTY_OPTIONAL.sub(b"", text).replace(b",}", b"}")
 
 
-def method_label(method: str) -> str:
-    """The 9 canonical methods as sent (case-sensitive); anything else is ``_OTHER``."""
-    return method if method in CANONICAL_METHODS else OTHER_METHOD
-
-
 def port_label(scheme: str, port: int | None) -> str:
     """``server_port``: empty (label absent) for no port or the scheme's default port."""
     if port is None or DEFAULT_PORTS.get(scheme) == port:
         return ""
     return str(port)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and everything chained to it (causes, contexts, exception group members)."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(e.exceptions)
-        for nxt in (e.__cause__, e.__context__):
-            if nxt is not None:
-                todo.append(nxt)
-
-
-def error_type(exc: BaseException) -> str:
-    """``error_type`` for a failed upstream call: timeout, connection_refused or unknown."""
-    if isinstance(exc, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError | trio.TooSlowError):
-        return TIMEOUT
-    if isinstance(exc, httpx.ConnectError | httpcore.ConnectError | ConnectionRefusedError):
-        for e in _causes(exc):
-            if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
-                return CONNECTION_REFUSED
-    return UNKNOWN
 
 
 # ---- multi-process mode ---------------------------------------------------------
@@ -388,7 +347,7 @@ class Metrics:
         error: str | None,
         token_result: str,
     ) -> None:
-        """One outbound call (or its failed token step): ``error`` is an :func:`error_type` or None."""
+        """One outbound call (or its failed token step): ``error`` is an ``error_type`` label or None."""
         key = (host, scheme, port, error, token_result)
         child = self._client.get(key)
         if child is None:
@@ -397,33 +356,27 @@ class Metrics:
             )
         child.observe(seconds)
 
-    # ---- forward.RequestObserver (what the proxy app calls) ----
+    # ---- proxy.exchange.RequestObserver (what the proxy app calls) ----
 
     def started(self) -> None:
         """A request arrived."""
         self._active_inc()
 
-    def finished(
-        self,
-        method: str,
-        status: int,
-        duration: float,
-        target: Target | None,
-        token_result: str | None,
-        error_type: str | None,
-        upstream_seconds: float | None,
-    ) -> None:
+    def finished(self, exchange: Exchange, duration: float) -> None:
         """A request ended. The outbound series is recorded once the token step ran: the
         upstream call's time, or the whole time for a token failure (upstream not called)."""
-        self.request_finished(method, status, duration)
+        ex = exchange
+        self.request_finished(ex.method, ex.status, duration)
+        target, token_result = ex.target, ex.token_result
         if target is None or token_result is None:
             return  # not routed: no outbound call was attempted
+        upstream_seconds = ex.upstream_seconds
         if upstream_seconds is None:
             if token_result == TOKEN_OK:
                 return  # client left before the upstream answered: no outcome to record
             upstream_seconds = duration
         self.upstream_finished(
-            target.host, target.scheme, target.port, upstream_seconds, error_type, token_result
+            target.host, target.scheme, target.port, upstream_seconds, ex.error_type, token_result
         )
 
     # ---- scrape / lifecycle ----

@@ -1,10 +1,10 @@
-"""The proxy's Quart-Trio app: every path and method goes to the :class:`Forwarder`.
+"""The proxy's Quart-Trio app: every path and method goes to the :class:`~.forward.Forwarder`.
 
 Quart stays in the request path (request context, before/after hooks, error
-handlers, response objects), but with the parts that are wrong for a proxy
+handlers, response objects), with the parts that are wrong for a proxy
 replaced: URL matching is skipped (every request is forwarded, raw path kept),
 the request body streams with backpressure and the response has no timeout
-(see :mod:`.streaming`), websockets are relayed (see :mod:`.websocket`).
+(:mod:`.http`, :mod:`.body`), websockets are relayed (:mod:`.websocket`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from quart_trio import QuartTrio
 
 from ..config.settings import Settings
 from ..tokens.supervisor import TokenSource
-from .forward import Forwarder, NullObserver, RequestObserver
-from .streaming import ProxyHTTPConnection, ProxyRequest, ProxyResponse
+from .body import ProxyRequest, ProxyResponse
+from .exchange import NullObserver, RequestObserver
+from .forward import Forwarder
+from .http import ProxyHTTPConnection
 from .websocket import ProxyWebsocketConnection
 
 
@@ -45,7 +47,7 @@ class ProxyApp(QuartTrio):
 def create_app(
     settings: Settings, tokens: TokenSource, *, observer: RequestObserver | None = None
 ) -> QuartTrio:
-    """The proxy app. ``observer`` receives one call per finished request (metrics)."""
+    """The proxy app. ``observer`` receives every finished request (metrics)."""
     app = ProxyApp(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=None,  # Quart's 16 MB → 413 is wrong for a proxy

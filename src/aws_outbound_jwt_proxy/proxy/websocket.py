@@ -5,53 +5,24 @@ the upstream handshake. Text and binary messages are relayed both ways, close
 codes are relayed, and the subprotocol the upstream picked is passed back.
 Anything that fails before the upstream accepted is answered with an HTTP
 status before the client's handshake is accepted (hypercorn's
-``websocket.http.response`` extension).
-
-Importing this module also swaps hypercorn's ``WSStream`` for
-:class:`GuardedWSStream` (see there): without it, client bytes arriving while
-a rejection is on its way make hypercorn answer a second time, and the
-resulting h11 error takes the whole server process down.
+``websocket.http.response`` extension). Planning (route → token → headers) is
+the same :class:`~.plan.Planner` step as for HTTP; this module owns the
+session's lifecycle and is the only writer of its Exchange.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-import hypercorn.protocol.h2
-import hypercorn.protocol.h11
 import trio
 import trio_websocket
-from hypercorn.protocol.events import Body, Data
-from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.ws_stream import WSStream
-from hypercorn.typing import (
-    ASGIReceiveCallable,
-    ASGISendCallable,
-    ASGISendEvent,
-    WebsocketResponseBodyEvent,
-)
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-from ..routing.router import RouteError
 from . import headers as hdr
-from .forward import (
-    BAD_TARGET,
-    TOKEN_UNAVAILABLE,
-    UPSTREAM_TIMEOUT,
-    UPSTREAM_UNAVAILABLE,
-    Exchange,
-    Forwarder,
-    cause,
-    classify,
-    client_ip,
-    request_target,
-    server_address,
-)
-
-if TYPE_CHECKING:
-    from quart_trio import QuartTrio
-
-    from .app import ProxyApp
+from .exchange import TOKEN_OK, Exchange, Refusal, cause, classify
+from .forward import Forwarder, ForwardingApp
+from .plan import Plan
 
 log = logging.getLogger("aws_outbound_jwt_proxy.forward")
 
@@ -82,55 +53,6 @@ def client_close_code(code: int | None) -> int:
     return close_code(code)
 
 
-class GuardedWSStream(WSStream):
-    """hypercorn's websocket stream, with the handshake answered at most once.
-
-    hypercorn (0.18) answers client bytes that arrive before the handshake is
-    accepted with its own ``400``, even while the app's rejection (or its own
-    403/500) is being written, and lets the app keep sending while that 400
-    is being written. Either way a second response (or a close of the socket
-    mid-write) raises in the connection's reader task, which nothing catches:
-    the whole server exits (pgjones/hypercorn#225). Here whoever starts
-    answering first wins: client bytes after the app's answer has started are
-    dropped, and the app's messages are dropped while hypercorn writes its
-    own 400 (after which hypercorn marks the stream closed, as it always did,
-    and the app now gets a ``websocket.disconnect`` so that it ends).
-    """
-
-    answered = False  # a response to the handshake (the app's rejection or an error) has started
-    reader_answering = False  # the reader task is writing hypercorn's own 400 for early client bytes
-
-    async def handle(self, event: StreamEvent) -> None:
-        if not isinstance(event, Body | Data) or self.closed or self.handshake.accepted:
-            await super().handle(event)
-        elif not self.answered:
-            self.reader_answering = True
-            try:
-                await super().handle(event)  # hypercorn's 400, then the stream counts as closed
-            finally:
-                self.reader_answering = False
-            if self.app_put is not None:  # hypercorn never tells the app; it would wait forever
-                await self.app_put({"type": "websocket.disconnect", "code": 1006})
-        # else: client bytes while the handshake is being refused: nobody reads them
-
-    async def app_send(self, message: ASGISendEvent | None) -> None:
-        if not self.reader_answering:
-            await super().app_send(message)
-
-    async def _send_error_response(self, status_code: int) -> None:
-        if not self.answered:
-            self.answered = True
-            await super()._send_error_response(status_code)
-
-    async def _send_rejection(self, message: WebsocketResponseBodyEvent) -> None:
-        self.answered = True
-        await super()._send_rejection(message)
-
-
-for _module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioquic, not served
-    _module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
-
-
 async def reject(scope: Any, send: Any, status: int, body: bytes) -> None:
     """Answer the handshake with an HTTP response (or a plain close if unsupported)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
@@ -152,61 +74,49 @@ async def reject(scope: Any, send: Any, status: int, body: bytes) -> None:
 class ProxyWebsocketConnection:
     """asgi_websocket_class: one proxied websocket session, logged like a request (status 101)."""
 
-    def __init__(self, app: QuartTrio, scope: Any) -> None:
+    def __init__(self, app: object, scope: Any) -> None:
         self.app = app
         self.scope = scope
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        forwarder: Forwarder = cast("ProxyApp", self.app).forwarder
+        forwarder = cast(ForwardingApp, self.app).forwarder
         ex = forwarder.begin(self.scope)
         try:
-            await proxy(forwarder, self.scope, receive, send, ex)
+            first = await receive()
+            if first["type"] != "websocket.connect":
+                return
+            plan = await forwarder.planner.plan(self.scope, websocket=True)
+            if isinstance(plan, Refusal):
+                ex.refused(plan)
+                await reject(self.scope, send, plan.status, plan.body.encode())
+                return
+            ex.target, ex.token_result = plan.target, TOKEN_OK
+            await _session(forwarder, plan, self.scope, receive, send, ex)
         finally:
             forwarder.finish(ex)
 
 
-async def _reject(scope: Any, send: ASGISendCallable, ex: Exchange, status: int, text: str) -> None:
-    ex.status = status
-    await reject(scope, send, status, text.encode())
-
-
-async def proxy(
-    fwd: Forwarder, scope: Any, receive: ASGIReceiveCallable, send: ASGISendCallable, ex: Exchange
+async def _session(
+    fwd: Forwarder,
+    plan: Plan,
+    scope: Any,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+    ex: Exchange,
 ) -> None:
-    first = await receive()
-    if first["type"] != "websocket.connect":
-        return
-    raw_target = request_target(scope)
-    if raw_target is None:
-        return await _reject(scope, send, ex, 400, BAD_TARGET)
-    try:
-        target = fwd.router.resolve(scope["headers"], server_address(scope))
-    except RouteError as err:
-        return await _reject(scope, send, ex, err.status, err.body)
-    ex.target = target
-    jwt = await fwd.token_for(target, ex)
-    if jwt is None:
-        return await _reject(scope, send, ex, 502, TOKEN_UNAVAILABLE)
-    out, _ = hdr.outbound(
-        scope["headers"],
-        authority=target.authority.encode("ascii"),
-        bearer=jwt.encode("ascii"),
-        client_ip=client_ip(scope),
-        drop=fwd.drop,
-        websocket=True,
-    )
+    target = plan.target
     started = trio.current_time()
     try:
         async with trio_websocket.open_websocket(
             target.host.strip("[]"),
             target.effective_port,
-            raw_target.decode("latin-1"),
-            use_ssl=fwd.tls if target.scheme == "https" else False,
+            plan.path.decode("latin-1"),
+            use_ssl=fwd.upstream.tls if target.scheme == "https" else False,
             subprotocols=scope.get("subprotocols") or None,
-            extra_headers=out,
+            extra_headers=plan.headers,
             message_queue_size=QUEUE,
             max_message_size=MAX_MESSAGE,
-            connect_timeout=fwd.timeout,
+            connect_timeout=fwd.upstream.timeout,
             disconnect_timeout=CLOSE_TIMEOUT,
         ) as conn:
             ex.upstream_seconds = trio.current_time() - started
@@ -230,17 +140,12 @@ async def proxy(
             await reject(scope, send, rej.status_code, rej.body or b"")
     except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
         ex.upstream_seconds = trio.current_time() - started
-        timeout = isinstance(exc, trio_websocket.ConnectionTimeout | trio.TooSlowError)
-        ex.error_type = "timeout" if timeout else classify(exc)[2]
+        failure = classify(exc)
+        ex.error_type = failure.error_type
         log.error("upstream websocket failed", extra={"target": target.authority, "cause": cause(exc)})
         if ex.status == 0:
-            await _reject(
-                scope,
-                send,
-                ex,
-                504 if timeout else 502,
-                UPSTREAM_TIMEOUT if timeout else UPSTREAM_UNAVAILABLE,
-            )
+            ex.status = failure.status
+            await reject(scope, send, failure.status, failure.body.encode())
 
 
 async def _relay(

@@ -14,12 +14,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from ..config import flags
@@ -28,35 +26,11 @@ from ..observe import health, logs, metrics
 from ..proxy.app import create_app
 from ..tokens import sts
 from ..tokens import supervisor as tokens
+from . import patches
 
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
 
 EXIT_STARTUP = 1
-
-
-class GuardedTCPServer(TCPServer):
-    """hypercorn's per-connection server, but an error in one connection ends only that one.
-
-    hypercorn lets an unexpected exception in a connection's reader escape its
-    serve loop, which stops the whole server (hypercorn issue #225): one
-    misbehaving client must never take the proxy down.
-    """
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        except Exception as exc:  # not Cancelled: shutdown still propagates
-            log.error("connection failed", extra={"error_class": type(exc).__name__})
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.stream.aclose()
-                except Exception:
-                    pass
-
-
-# worker_serve looks TCPServer up in its module at call time: both the console
-# script and the hypercorn command (asgi.py imports this module) get the guard.
-hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
 
 
 class StartupError(Exception):
@@ -143,6 +117,7 @@ async def run(
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT); started() gets the proxy URLs."""
     stop = stop or trio.Event()
+    patches.install()
     proxy_cfg = hypercorn_config(
         settings.listen_host,
         settings.listen_port,

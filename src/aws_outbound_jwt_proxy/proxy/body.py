@@ -1,41 +1,34 @@
-"""Quart-Trio plumbing for a streaming proxy: request body on demand, response without timeouts.
+"""Request and response bodies for a streaming proxy on Quart-Trio (plumbing, no policy).
 
-Quart-Trio's own connection reads the request body in a background task into
-an unbounded buffer and cuts responses after RESPONSE_TIMEOUT. Here instead:
+Quart-Trio's own request reads the body in a background task into an
+unbounded buffer. :class:`RequestBody` instead pulls each chunk from ASGI
+``receive()`` only when the consumer (httpx) asks, so hypercorn's bounded
+receive queue and TCP give real backpressure; no size limit, no body timeout.
+:class:`ProxyResponse` carries raw headers and either a short body of the
+proxy's own or the upstream response to stream; the request and the response
+carry how the request went (target, token result, error type) for the
+connection's owner to record.
 
-* :class:`RequestBody` pulls each chunk from ASGI ``receive()`` only when the
-  consumer (httpx) asks, so hypercorn's bounded receive queue and TCP give
-  real backpressure. No size limit, no body timeout.
-* :class:`ProxyHTTPConnection` runs the request through Quart
-  (``app.handle_request``: context, hooks, dispatch), then streams the
-  :class:`ProxyResponse` chunk by chunk with no response timeout. Once the
-  request body is consumed it watches ``receive()`` for ``http.disconnect``
-  and cancels the request, which cancels the upstream call.
+Uses two Quart internals (``TrioBody`` with its ``__init__`` skipped, the
+``body_class`` hook), which is why Quart is pinned to one minor version.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
+import httpx
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
-from quart.utils import encode_headers
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent
 from quart.wrappers import Response
-from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
 from quart_trio.wrappers.request import TrioBody
 
+from ..routing.target import Target
 from . import headers as hdr
 
-if TYPE_CHECKING:
-    import httpx
-
-    from .app import ProxyApp
-    from .forward import Exchange, Forwarder
-
-CLIENT_GONE = 499  # status recorded when the client left before a response was sent
 CLOSE_GRACE = 5.0  # seconds a cancelled request may spend closing its upstream response
 
 
@@ -138,11 +131,16 @@ class RequestBody(TrioBody):
 
 
 class ProxyRequest(TrioRequest):
-    """Quart request whose body is pulled on demand; carries the exchange record."""
+    """Quart request whose body is pulled on demand.
+
+    ``target`` and ``token_result`` are set once the request is planned, before
+    the upstream call (so they are known even if the client leaves during it).
+    """
 
     body_class = RequestBody
     body: RequestBody
-    exchange: Exchange
+    target: Target | None = None
+    token_result: str | None = None
 
 
 class ProxyResponse(Response):
@@ -167,6 +165,10 @@ class ProxyResponse(Response):
         self.raw_headers = raw_headers
         self.payload = payload
         self.upstream = upstream
+        # How the upstream call went, for the connection's owner to record.
+        self.error_type: str | None = None
+        self.upstream_seconds: float | None = None
+        self.client_gone = False
 
 
 async def close_upstream(response: httpx.Response) -> None:
@@ -184,70 +186,3 @@ def plain(status: int, text: str) -> ProxyResponse:
         (b"content-length", str(len(body)).encode("ascii")),
     ]
     return ProxyResponse(status, headers, body)
-
-
-class ProxyHTTPConnection(TrioASGIHTTPConnection):
-    """asgi_http_class: one request through Quart, streamed both ways, cancelled if the client leaves."""
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        forwarder: Forwarder = cast("ProxyApp", self.app).forwarder
-        ex = forwarder.begin(self.scope)
-        response: Any = None
-        try:
-            request = cast(ProxyRequest, self._create_request_from_scope(send))
-            request.body.attach(receive, self.scope)
-            request.exchange = ex
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_disconnect, request.body, nursery.cancel_scope, ex)
-                response = await self.app.handle_request(request)
-                if not ex.client_gone:
-                    await self._send(send, response, ex)
-                nursery.cancel_scope.cancel()
-        finally:
-            if isinstance(response, ProxyResponse) and response.upstream is not None:
-                await close_upstream(response.upstream)  # no-op when relay() already closed it
-            if ex.client_gone and ex.status == 0:
-                ex.status = CLIENT_GONE
-            forwarder.finish(ex)
-
-    @staticmethod
-    async def _watch_disconnect(body: RequestBody, scope: trio.CancelScope, ex: Exchange) -> None:
-        await body.finished.wait()
-        while True:
-            msg = await body.receive()
-            if msg["type"] == "http.disconnect":
-                if not ex.complete:
-                    ex.client_gone = True
-                scope.cancel()
-                return
-
-    async def _send(self, send: ASGISendCallable, response: Any, ex: Exchange) -> None:
-        if not isinstance(response, ProxyResponse):  # Quart made it (error handler, hook)
-            ex.status = response.status_code
-            await self._send_response(send, response)
-            ex.complete = True
-            return
-        ex.status = response.status_code
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
-        )
-        if response.upstream is not None:
-            await cast("ProxyApp", self.app).forwarder.relay(response.upstream, send, ex)
-        else:
-            await send({"type": "http.response.body", "body": response.payload, "more_body": False})
-            ex.complete = True
-
-    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
-        """Quart's own responses, sent without RESPONSE_TIMEOUT."""
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-            }
-        )
-        async with response.response as body:
-            async for data in body:
-                chunk = data.encode() if isinstance(data, str) else data
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,127 @@
+"""The shared planning step of HTTP and WebSocket: route → allow → audience → token → headers.
+
+:meth:`Planner.plan` turns one request's ASGI scope into either a :class:`Plan`
+(where to send it, with which headers, the bearer token included) or a
+:class:`~.exchange.Refusal` (what the proxy answers itself). Nothing here talks
+to the upstream; the token source is the only thing awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.settings import Settings
+from ..routing import audience
+from ..routing.router import RouteError, Router
+from ..routing.target import Target, parse_authority
+from ..tokens.supervisor import TokenSource, TokenUnavailable
+from . import headers as hdr
+from .exchange import (
+    BAD_TARGET,
+    TOKEN_FETCH_ERROR,
+    TOKEN_RESOLVER_ERROR,
+    TOKEN_UNAVAILABLE,
+    Refusal,
+)
+
+log = logging.getLogger("aws_outbound_jwt_proxy.forward")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request ready to go upstream."""
+
+    target: Target
+    path: bytes  # raw path + query, byte for byte as received
+    headers: hdr.Headers  # outbound headers, ``Authorization: Bearer`` included
+
+
+def build_router(settings: Settings) -> Router:
+    """The router for these settings (the pinned host was validated with the settings)."""
+    pinned = parse_authority(settings.upstream_scheme, settings.upstream_host) if settings.pinned else None
+    return Router(
+        scheme=settings.upstream_scheme,
+        header=settings.host_header,
+        pinned=pinned,
+        allowed=settings.allowed_upstream_hosts,
+    )
+
+
+def request_path(scope: Any) -> bytes | None:
+    """Raw path + query exactly as received, or None for a target we cannot forward."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    if not raw.startswith(b"/") and raw != b"*":
+        return None
+    query: bytes = scope["query_string"]
+    return raw + b"?" + query if query else raw
+
+
+def server_address(scope: Any) -> tuple[str, int] | None:
+    """The (host, port) of the listener this request arrived on, when known."""
+    server = scope.get("server")
+    if not server or server[1] is None:
+        return None
+    return str(server[0]), int(server[1])
+
+
+def client_ip(scope: Any) -> bytes | None:
+    client = scope.get("client")
+    if not client:
+        return None
+    return str(client[0]).encode("ascii", "replace")
+
+
+class Planner:
+    """Built once per app from the settings and the token source; :meth:`plan` runs per request."""
+
+    def __init__(self, settings: Settings, tokens: TokenSource) -> None:
+        self.router = build_router(settings)
+        self.resolver = audience.Resolver(settings.token_audiences)
+        self.tokens = tokens
+        header = settings.host_header.lower().encode("latin-1")
+        # Header mode drops its routing header; Host mode rewrites Host anyway.
+        self.drop: bytes | None = None if settings.pinned or header == b"host" else header
+
+    async def plan(self, scope: Any, *, websocket: bool = False) -> Plan | Refusal:
+        path = request_path(scope)
+        if path is None:
+            return Refusal(400, BAD_TARGET)
+        try:
+            target = self.router.resolve(scope["headers"], server_address(scope))
+        except RouteError as err:
+            return Refusal(err.status, err.body)
+        try:
+            audiences = self.resolver.for_target(target)
+        except Exception as exc:
+            log.error(
+                "audience resolution failed",
+                extra={"target": target.authority, "error_class": type(exc).__name__},
+            )
+            return Refusal(502, TOKEN_UNAVAILABLE, target, TOKEN_RESOLVER_ERROR)
+        try:
+            jwt = await self.tokens.get(audiences)
+        except TokenUnavailable as err:
+            log.error(
+                "token unavailable",
+                extra={
+                    "target": target.authority,
+                    "audience": audience.key(audiences),
+                    "error_class": err.error_class,
+                },
+            )
+            return Refusal(502, TOKEN_UNAVAILABLE, target, TOKEN_FETCH_ERROR)
+        out, replaced = hdr.outbound(
+            scope["headers"],
+            authority=target.authority.encode("ascii"),
+            bearer=jwt.encode("ascii"),
+            client_ip=client_ip(scope),
+            drop=self.drop,
+            websocket=websocket,
+        )
+        if replaced:
+            log.debug(
+                "replaced inbound Authorization with the bearer token", extra={"target": target.authority}
+            )
+        return Plan(target, path, out)

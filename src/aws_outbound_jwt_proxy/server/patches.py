@@ -1,0 +1,101 @@
+"""Workarounds for hypercorn bugs, installed by one explicit call: :func:`install`.
+
+Nothing here runs on import. The serving code (``server.serve.run`` for the
+console script, ``asgi`` for the ``hypercorn`` command) calls :func:`install`
+before it serves. Each patch names the upstream issue, and
+``tests/test_patches.py`` has a test that fails once upstream fixes the bug, so
+the version pins in pyproject.toml (hypercorn < 0.19) can be lifted then.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
+import hypercorn.trio.run
+import trio
+from hypercorn.protocol.events import Body, Data
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
+
+log = logging.getLogger("aws_outbound_jwt_proxy.serve")
+
+
+class GuardedTCPServer(TCPServer):
+    """hypercorn's per-connection server, but an error in one connection ends only that one.
+
+    hypercorn lets an unexpected exception in a connection's reader escape its
+    serve loop, which stops the whole server (pgjones/hypercorn#225): one
+    misbehaving client must never take the proxy down.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception as exc:  # not Cancelled: shutdown still propagates
+            log.error("connection failed", extra={"error_class": type(exc).__name__})
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.stream.aclose()
+                except Exception:
+                    pass
+
+
+class GuardedWSStream(WSStream):
+    """hypercorn's websocket stream, with the handshake answered at most once.
+
+    hypercorn (0.18) answers client bytes that arrive before the handshake is
+    accepted with its own ``400``, even while the app's rejection (or its own
+    403/500) is being written, and lets the app keep sending while that 400
+    is being written. Either way a second response (or a close of the socket
+    mid-write) raises in the connection's reader task, which nothing catches:
+    the whole server exits (pgjones/hypercorn#225). Here whoever starts
+    answering first wins: client bytes after the app's answer has started are
+    dropped, and the app's messages are dropped while hypercorn writes its
+    own 400 (after which hypercorn marks the stream closed, as it always did,
+    and the app now gets a ``websocket.disconnect`` so that it ends).
+    """
+
+    answered = False  # a response to the handshake (the app's rejection or an error) has started
+    reader_answering = False  # the reader task is writing hypercorn's own 400 for early client bytes
+
+    async def handle(self, event: StreamEvent) -> None:
+        if not isinstance(event, Body | Data) or self.closed or self.handshake.accepted:
+            await super().handle(event)
+        elif not self.answered:
+            self.reader_answering = True
+            try:
+                await super().handle(event)  # hypercorn's 400, then the stream counts as closed
+            finally:
+                self.reader_answering = False
+            if self.app_put is not None:  # hypercorn never tells the app; it would wait forever
+                await self.app_put({"type": "websocket.disconnect", "code": 1006})
+        # else: client bytes while the handshake is being refused: nobody reads them
+
+    async def app_send(self, message: ASGISendEvent | None) -> None:
+        if not self.reader_answering:
+            await super().app_send(message)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        if not self.answered:
+            self.answered = True
+            await super()._send_error_response(status_code)
+
+    async def _send_rejection(self, message: WebsocketResponseBodyEvent) -> None:
+        self.answered = True
+        await super()._send_rejection(message)
+
+
+for _module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioquic, not served
+    _module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
+
+
+def install() -> None:
+    """Install every workaround (idempotent). Call before serving."""
+    # worker_serve looks TCPServer up in its module at call time.
+    hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
+    for module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioquic, not served
+        module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
