@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
-import hypercorn.logging
 import trio
 from quart_trio import QuartTrio
 
@@ -20,29 +18,11 @@ from .config import flags
 from .config import settings as config
 from .observe import health, logs, metrics
 from .proxy.app import create_app
-from .server import serve
+from .server import patches, serve
 from .tokens import sts
 from .tokens import supervisor as tokens
 
 log = logging.getLogger("aws_outbound_jwt_proxy.asgi")
-
-
-def _route_hypercorn_logs_to_ours() -> None:
-    """hypercorn's ``-`` (stderr) loggers use its own line format; send them through ours.
-
-    hypercorn builds its loggers lazily, after importing the app, so replacing
-    its factory here keeps every stderr line in the configured (JSON) format.
-    """
-    original = hypercorn.logging._create_logger
-
-    def create(
-        name: str, target: Any, level: str | None, sys_default: Any, *, propagate: bool = True
-    ) -> logging.Logger | None:
-        if target == "-":
-            return logging.getLogger(name)  # no handler of its own: propagates to ours
-        return original(name, target, level, sys_default, propagate=propagate)
-
-    hypercorn.logging._create_logger = create
 
 
 def build() -> QuartTrio:
@@ -51,7 +31,7 @@ def build() -> QuartTrio:
     except flags.ConfigError as exc:
         flags.fail(config.PROG, exc)
     logs.setup(settings.log_level, settings.log_format)
-    _route_hypercorn_logs_to_ours()
+    patches.install()
     m: metrics.Metrics | metrics.NullMetrics = (
         metrics.Metrics() if settings.metrics_enabled else metrics.NullMetrics()
     )

@@ -5,12 +5,17 @@ console script, ``asgi`` for the ``hypercorn`` command) calls :func:`install`
 before it serves. Each patch names the upstream issue, and
 ``tests/test_patches.py`` has a test that fails once upstream fixes the bug, so
 the version pins in pyproject.toml (hypercorn < 0.19) can be lifted then.
+The third one is not a bug but a missing hook: under the ``hypercorn`` command
+its ``-`` (stderr) loggers get a line format of their own; we route them
+through ours so every stderr line is JSON in JSON mode.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import hypercorn.logging
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
@@ -93,9 +98,30 @@ for _module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioq
     _module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
 
 
+def _route_hypercorn_logs_to_ours() -> None:
+    """hypercorn's ``-`` (stderr) loggers use its own line format; send them through ours.
+
+    hypercorn builds its loggers lazily, after importing the app, so replacing
+    its factory here keeps every stderr line in the configured (JSON) format.
+    """
+    original = hypercorn.logging._create_logger
+
+    def create(
+        name: str, target: Any, level: str | None, sys_default: Any, *, propagate: bool = True
+    ) -> logging.Logger | None:
+        if target == "-":
+            return logging.getLogger(name)  # no handler of its own: propagates to ours
+        return original(name, target, level, sys_default, propagate=propagate)
+
+    create.routed = True  # type: ignore[attr-defined]
+    hypercorn.logging._create_logger = create
+
+
 def install() -> None:
     """Install every workaround (idempotent). Call before serving."""
     # worker_serve looks TCPServer up in its module at call time.
     hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
     for module in (hypercorn.protocol.h11, hypercorn.protocol.h2):  # h3 needs aioquic, not served
         module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
+    if not getattr(hypercorn.logging._create_logger, "routed", False):
+        _route_hypercorn_logs_to_ours()
