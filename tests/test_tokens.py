@@ -526,12 +526,6 @@ def test_token_repr_hides_the_jwt() -> None:
     assert "secret" not in repr(token)
 
 
-def test_normalize_and_key() -> None:
-    auds = tokens.normalize(["https://b", "https://a", "https://b"])
-    assert auds == ("https://a", "https://b")
-    assert tokens.audience_key(auds) == "https://a,https://b"
-
-
 async def test_one_failure_costs_about_a_second_not_a_retry_window(
     sts_emulator: StsEmulator, fetcher: sts.StsFetcher
 ) -> None:

@@ -21,85 +21,48 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
 
 import trio
 
-from ..config import settings as config
+from ..routing import audience
 from . import schedule, sts
+from .api import (
+    EXPIRED_ON_ARRIVAL,
+    INTERNAL,
+    SHUTDOWN,
+    TIMEOUT,
+    Fetcher,
+    NullObserver,
+    SetState,
+    TokenObserver,
+    TokenPolicy,
+    TokenSource,
+    TokenUnavailable,
+)
+
+__all__ = [
+    "EXPIRED_ON_ARRIVAL",
+    "INTERNAL",
+    "SHUTDOWN",
+    "STS_THREADS",
+    "TIMEOUT",
+    "Fetcher",
+    "NullObserver",
+    "SetState",
+    "Supervisor",
+    "TokenObserver",
+    "TokenPolicy",
+    "TokenSource",
+    "TokenUnavailable",
+]
 
 log = logging.getLogger("aws_outbound_jwt_proxy.tokens")
 
-SHUTDOWN = "shutdown"  # error_class when the supervisor is gone
-TIMEOUT = "timeout"  # error_class when a waiting request ran out of time
-INTERNAL = "internal"  # error_class for an unexpected exception in the fetch path
-EXPIRED_ON_ARRIVAL = "ExpiredOnArrival"  # STS answered with a token already past its exp
 INBOX_SIZE = 4096
 STS_THREADS = 10  # concurrent STS calls across all sets (matches the client's pool)
-
-
-class TokenUnavailable(Exception):
-    """No valid token for the set. ``error_class`` is the AWS error code or ``transport``.
-
-    The message never carries AWS error text or token material: handlers answer
-    ``502 token unavailable`` and log ``error_class``.
-    """
-
-    def __init__(self, error_class: str) -> None:
-        super().__init__(error_class)
-        self.error_class = error_class
-
-
-class TokenSource(Protocol):
-    async def get(self, audiences: tuple[str, ...]) -> str:
-        """A valid JWT for the normalized (sorted, de-duplicated) audience set.
-
-        Raises :class:`TokenUnavailable`. Cancel-safe.
-        """
-        ...
-
-
-class Fetcher(Protocol):
-    """The STS side: one blocking call, :class:`sts.StsError` on failure."""
-
-    def fetch(
-        self, audiences: Sequence[str], algorithm: str, duration: int, tags: Sequence[tuple[str, str]]
-    ) -> sts.Token: ...
-
-
-class TokenObserver(Protocol):
-    """Hooks for metrics. ``audience`` is the normalized set joined with ``,``."""
-
-    def fetch_finished(
-        self, audience: str, ok: bool, error_class: str | None, seconds: float, background: bool
-    ) -> None: ...
-
-    def cache_hit(self, audience: str) -> None: ...
-
-    def cache_miss(self, audience: str) -> None: ...
-
-    def cached_sets(self, count: int) -> None: ...
-
-
-class NullObserver:
-    """The default observer: does nothing."""
-
-    def fetch_finished(
-        self, audience: str, ok: bool, error_class: str | None, seconds: float, background: bool
-    ) -> None:
-        pass
-
-    def cache_hit(self, audience: str) -> None:
-        pass
-
-    def cache_miss(self, audience: str) -> None:
-        pass
-
-    def cached_sets(self, count: int) -> None:
-        pass
 
 
 def _notify(hook: Callable[..., None], *args: object) -> None:
@@ -109,26 +72,6 @@ def _notify(hook: Callable[..., None], *args: object) -> None:
     except Exception as exc:
         fields = {"hook": getattr(hook, "__name__", "?"), "exception": type(exc).__name__}
         log.error("token observer hook failed", extra=fields)
-
-
-def normalize(audiences: Iterable[str]) -> tuple[str, ...]:
-    """The canonical form of an audience set: sorted, de-duplicated."""
-    return tuple(sorted(set(audiences)))
-
-
-def audience_key(audiences: Sequence[str]) -> str:
-    return ",".join(audiences)
-
-
-@dataclass(frozen=True)
-class SetState:
-    """Read-only view of one cached set (for metrics and debugging)."""
-
-    audience: str
-    static: bool
-    seconds_left: float | None  # None: no valid token
-    fetching: bool
-    error_class: str | None  # class of the last failed attempt, None after a success
 
 
 @dataclass(eq=False)
@@ -199,7 +142,7 @@ class Supervisor:
 
     def __init__(
         self,
-        settings: config.Settings,
+        settings: TokenPolicy,
         fetcher: Fetcher,
         observer: TokenObserver | None = None,
         *,
@@ -208,7 +151,7 @@ class Supervisor:
         self._settings = settings
         self._fetcher = fetcher
         self._observer: TokenObserver = observer or NullObserver()
-        self._static = [normalize(settings.token_audiences)] if settings.token_audiences else []
+        self._static = [audience.normalize(settings.token_audiences)] if settings.token_audiences else []
         self._send, self._recv = trio.open_memory_channel[_Ask | _Result](INBOX_SIZE)
         self._limiter = trio.CapacityLimiter(sts_threads)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -225,7 +168,7 @@ class Supervisor:
         Answers at once from the cache; waits (at most --upstream-timeout) only
         when no valid token exists and a fetch is in flight.
         """
-        ask = _Ask(audience_key(audiences), audiences)
+        ask = _Ask(audience.key(audiences), audiences)
         with trio.move_on_after(self._settings.upstream_timeout):
             try:
                 await self._send.send(ask)
@@ -246,7 +189,7 @@ class Supervisor:
         """Every static audience set holds a valid token (True when there are none)."""
         now = trio.current_time()
         for auds in self._static:
-            entry = self._entries.get(audience_key(auds))
+            entry = self._entries.get(audience.key(auds))
             if entry is None or not entry.valid(now):
                 return False
         return True
@@ -432,7 +375,7 @@ class Supervisor:
     # ---- cache bookkeeping ------------------------------------------------
 
     def _add(self, audiences: tuple[str, ...], *, static: bool, now: float) -> _Entry:
-        entry = _Entry(key=audience_key(audiences), audiences=audiences, static=static, created=now)
+        entry = _Entry(key=audience.key(audiences), audiences=audiences, static=static, created=now)
         self._entries[entry.key] = entry
         _notify(self._observer.cached_sets, len(self._entries))
         return entry
