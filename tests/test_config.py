@@ -1,14 +1,17 @@
-"""Config: flags, env fallback, Go durations and one-line validation errors."""
+"""Config: the flag table, env fallback, Go durations and one-line validation errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import pytest
 
 from aws_outbound_jwt_proxy.config import settings as config
+from aws_outbound_jwt_proxy.config import values
 from aws_outbound_jwt_proxy.config.durations import parse_duration
 from aws_outbound_jwt_proxy.config.flags import ConfigError
 
@@ -88,6 +91,14 @@ def test_tags_and_allow_list() -> None:
         (["--token-duration", "59s"], "--token-duration"),
         (["--token-duration", "61m"], "--token-duration"),
         (["--token-refresh-skew", "0s"], "--token-refresh-skew"),
+        (["--token-refresh-skew", "30m", "--token-duration", "30m"], "--token-refresh-skew"),
+        (["--token-cache-idle-ttl", "0s"], "--token-cache-idle-ttl"),
+        (["--shutdown-timeout=-1s"], "--shutdown-timeout"),
+        (["--listen-addr", "8080"], "--listen-addr"),
+        (["--metrics-enabled=maybe"], "--metrics-enabled"),
+        (["--tls-key", "/etc/hostname"], "--tls-cert"),
+        (["--tls-cert", "/no/such/file", "--tls-key", "/no/such/file"], "--tls-cert"),
+        (["--upstream-ca-file", "/no/such/file"], "--upstream-ca-file"),
         (["--token-refresh-skew", "1h"], "--token-refresh-skew"),
         (["--token-audience", ""], "--token-audience"),
         (["--token-audience", "a b"], "--token-audience"),
@@ -170,7 +181,7 @@ def test_unloadable_tls_pair_and_ca_file_are_config_errors(tmp_path: Path) -> No
 def test_empty_item_in_env_list_is_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         config.load([], env={"TOKEN_AUDIENCE": "a,,b"})
-    assert info.value.flag == "--token-audience"
+    assert info.value.flag == "TOKEN_AUDIENCE"
     assert config.load([], env={"TOKEN_AUDIENCE": ""}).token_audiences == ()
 
 
@@ -184,3 +195,137 @@ def test_allow_list_flag_takes_comma_lists_too() -> None:
 def test_metrics_address_may_equal_listen_address_when_disabled() -> None:
     s = config.load(["--metrics-enabled=false", "--metrics-listen-addr", ":8080"], env={})
     assert s.metrics_enabled is False
+
+
+# ---- one table, typed values ---------------------------------------------------------------
+
+
+def test_the_table_fills_every_settings_field_once_with_its_type() -> None:
+    targets = [field for row in config.PROXY_FLAGS for field in row.targets]
+    assert sorted(targets) == sorted(f.name for f in dataclasses.fields(config.Settings))
+    assert len({row.name for row in config.PROXY_FLAGS}) == len(config.PROXY_FLAGS)
+    defaults = config.load([], env={})
+    hints = get_type_hints(config.Settings)
+    for name, hint in hints.items():
+        value: Any = getattr(defaults, name)
+        origin = getattr(hint, "__origin__", hint)
+        assert isinstance(value, origin), (name, value, hint)
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "message"),
+    [
+        ({"UPSTREAM_TIMEOUT": "x"}, "UPSTREAM_TIMEOUT", "invalid duration 'x'"),
+        ({"UPSTREAM_SCHEME": "ftp"}, "UPSTREAM_SCHEME", "must be http or https, got 'ftp'"),
+        ({"TOKEN_TAGS": "a=1,a=2"}, "TOKEN_TAGS", "duplicate tag key 'a'"),
+        ({"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED", "invalid boolean"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "must be debug, info, warn or error"),
+        ({"LISTEN_ADDR": "nope"}, "LISTEN_ADDR", "missing :port"),
+    ],
+)
+def test_a_bad_env_value_names_the_variable(env: dict[str, str], name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load([], env=env)
+    assert info.value.flag == name
+    assert str(info.value).startswith(f"{name}: ")
+    assert message in info.value.message
+
+
+def test_a_bad_flag_value_names_the_flag_even_when_the_env_is_fine() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(["--upstream-timeout", "x"], env={"UPSTREAM_TIMEOUT": "5s"})
+    assert str(info.value) == "--upstream-timeout: invalid duration 'x' (use e.g. 500ms, 30s, 5m, 1h30m)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "error"),
+    [
+        (
+            [],
+            {"TOKEN_REFRESH_SKEW": "1h"},
+            "TOKEN_REFRESH_SKEW: must be < TOKEN_DURATION (1h), got 1h",
+        ),
+        (
+            ["--token-duration", "10m"],
+            {"TOKEN_REFRESH_SKEW": "15m"},
+            "TOKEN_REFRESH_SKEW: must be < --token-duration (10m), got 15m",
+        ),
+        (
+            [],
+            {"TLS_CERT": "/etc/hostname"},
+            "TLS_KEY: TLS_CERT and TLS_KEY must be given together",
+        ),
+        (
+            ["--tls-cert", "/etc/hostname"],
+            {},
+            "--tls-key: --tls-cert and --tls-key must be given together",
+        ),
+        ([], {"LISTEN_ADDR": ":9090"}, "METRICS_LISTEN_ADDR: must differ from LISTEN_ADDR"),
+        (
+            ["--metrics-listen-addr", "0.0.0.0:8080"],
+            {},
+            "--metrics-listen-addr: must differ from --listen-addr",
+        ),
+    ],
+)
+def test_cross_field_errors_name_the_value_to_change(
+    argv: list[str], env: dict[str, str], error: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(argv, env=env)
+    assert str(info.value) == error
+
+
+def test_metrics_port_0_never_clashes() -> None:
+    s = config.load(["--listen-addr", "127.0.0.1:0", "--metrics-listen-addr", "127.0.0.1:0"], env={})
+    assert (s.listen_port, s.metrics_port) == (0, 0)
+
+
+# ---- Go's single-dash spelling ---------------------------------------------------------------
+
+
+def test_single_dash_spellings_are_accepted() -> None:
+    s = config.load(
+        [
+            "-upstream-host",
+            "api.example.com",
+            "-token-audience",
+            "a",
+            "--token-audience",
+            "b",
+            "-metrics-enabled=false",
+            "-token-duration=15m",
+        ],
+        env={},
+    )
+    assert s.upstream_host == "api.example.com"
+    assert s.token_audiences == ("a", "b")
+    assert s.metrics_enabled is False
+    assert s.token_duration == 900
+    assert config.load(["-metrics-enabled"], env={}).metrics_enabled is True
+
+
+def test_a_single_dash_value_error_names_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(["-upstream-timeout", "x"], env={})
+    assert info.value.flag == "--upstream-timeout"
+
+
+# ---- shared log flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "level"), [("DEBUG", "debug"), (" info ", "info"), ("warning", "warn")])
+def test_log_level_is_normalised(text: str, level: str) -> None:
+    assert values.log_level(text) == level
+
+
+@pytest.mark.parametrize("text", ["trace", "", "verbose"])
+def test_log_level_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="must be debug, info, warn or error"):
+        values.log_level(text)
+
+
+def test_log_format() -> None:
+    assert values.log_format(" JSON ") == "json"
+    with pytest.raises(ValueError, match="must be json or text"):
+        values.log_format("xml")

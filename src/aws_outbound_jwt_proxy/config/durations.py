@@ -1,4 +1,4 @@
-"""Go-style duration strings (``500ms``, ``1h30m``) to seconds and back."""
+"""Go-style duration strings (``500ms``, ``1h30m``) to seconds."""
 
 from __future__ import annotations
 
@@ -42,23 +42,3 @@ def parse_duration(text: str) -> float:
     if pos == 0:
         raise ValueError(f"invalid duration {text!r}")
     return sign * total
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds the way Go prints a duration (``1h0m0s`` → ``1h``-ish, compact)."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    whole = int(seconds)
-    frac = seconds - whole
-    h, rest = divmod(whole, 3600)
-    m, s = divmod(rest, 60)
-    out = ""
-    if h:
-        out += f"{h}h"
-    if m:
-        out += f"{m}m"
-    if s or frac:
-        out += f"{s + frac:g}s"
-    return out

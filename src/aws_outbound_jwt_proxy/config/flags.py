@@ -1,26 +1,38 @@
-"""Command-line flags that fall back to environment variables, Go-flag style.
+"""Typed command-line flags that fall back to environment variables, Go-flag style.
 
-Every command (the proxy, ``sts-emulator``, ``echo-upstream``, ``demo``)
-declares its flags as :class:`Flag` rows. :func:`parse` reads argv, then the
-environment (``--upstream-host`` ↔ ``UPSTREAM_HOST``), then the default, and
-returns raw strings. Turning them into typed settings is each command's job;
-a bad value raises :class:`ConfigError`, which :func:`fail` prints as one line
-naming the flag before exiting with status 2.
+A command declares each setting once, as a row of its flag table: a
+:class:`Flag` (one value) or a :class:`ListFlag` (repeatable) with its name,
+default, help and a *parse* function turning the text into the typed value.
+The same table builds the argparse parser (and so ``--help``) and, through
+:func:`parse`, the typed values: command line first, then the environment
+(``--upstream-host`` ↔ ``UPSTREAM_HOST``), then the default.
+
+A parse function raises ``ValueError`` with a short message; :func:`parse`
+turns it into a :class:`ConfigError` naming what the user set — the flag when
+the value came from the command line, the environment variable when it came
+from there — and :func:`fail` prints that as one line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, fields, replace
+from typing import Any, Generic, NoReturn, TypeVar
 
 EXIT_USAGE = 2
 
+T = TypeVar("T")
+D = TypeVar("D")
+
 
 class ConfigError(Exception):
-    """A configuration mistake, tied to the flag that caused it."""
+    """A configuration mistake, tied to what the user set.
+
+    ``flag`` is the name to show: ``--upstream-timeout`` for a value from the
+    command line (or a default), ``UPSTREAM_TIMEOUT`` for one from the environment.
+    """
 
     def __init__(self, flag: str, message: str) -> None:
         super().__init__(f"{flag}: {message}")
@@ -28,19 +40,13 @@ class ConfigError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Flag:
-    """One flag: ``name`` without dashes (``upstream-host``)."""
+class _Names:
+    """The spellings of one row: ``--name``, ``-name``, ``NAME`` and the argparse dest."""
 
     name: str
-    default: str
-    help: str
-    repeatable: bool = False
-    env_list: bool = False  # env value is a comma-separated list
-    boolean: bool = False
-    metavar: str | None = None
-    no_env: bool = False
-    env_name: str | None = None  # when the env var is not the derived name
+    no_env: bool
+    env_name: str | None
+    into: str | tuple[str, ...] | None
 
     @property
     def option(self) -> str:
@@ -54,14 +60,56 @@ class Flag:
     def dest(self) -> str:
         return self.name.replace("-", "_")
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Attribute(s) of the settings object the value goes to; a tuple value is spread over several."""
+        if self.into is None:
+            return (self.dest,)
+        return (self.into,) if isinstance(self.into, str) else self.into
 
-def prefixed(prefix: str, rows: Sequence[Flag]) -> tuple[Flag, ...]:
+
+@dataclass(frozen=True)
+class Flag(_Names, Generic[T]):
+    """A flag taking one value; ``parse`` gets the text (flag, env var or ``default``)."""
+
+    name: str  # without dashes: "upstream-host"
+    default: str  # as a user would type it; shown in --help
+    parse: Callable[[str], T]
+    help: str
+    _: KW_ONLY
+    into: str | tuple[str, ...] | None = None
+    boolean: bool = False  # "--name" alone means true
+    metavar: str | None = None
+    no_env: bool = False
+    env_name: str | None = None  # when the env var is not the derived name
+
+
+@dataclass(frozen=True)
+class ListFlag(_Names, Generic[T]):
+    """A repeatable flag; ``parse`` gets every value in order (the env var is a comma list)."""
+
+    name: str
+    default: str  # comma-separated, "" = none
+    parse: Callable[[list[str]], T]
+    help: str
+    _: KW_ONLY
+    into: str | tuple[str, ...] | None = None
+    env_list: bool = True  # env value is a comma-separated list (else one item)
+    metavar: str | None = None
+    no_env: bool = False
+    env_name: str | None = None
+
+
+Row = Flag[Any] | ListFlag[Any]
+
+
+def prefixed(prefix: str, rows: Sequence[Row]) -> tuple[Row, ...]:
     """The same flags reading ``PREFIX_NAME`` env vars, so a helper command never
     picks up the proxy's settings (``LISTEN_ADDR``, ``LOG_LEVEL``) from a shared environment."""
     return tuple(replace(row, env_name=prefix + row.env) for row in rows)
 
 
-Raw = dict[str, "str | list[str]"]
+# ---- the parser ------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,78 +118,141 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _help_for(flag: Flag) -> str:
-    env = "" if flag.no_env else f" [env {flag.env}" + (", comma-separated" if flag.env_list else "")
-    if not flag.no_env:
-        env += "]"
-    default = f" (default {flag.default!r})" if flag.default != "" else ""
-    many = " Repeatable." if flag.repeatable else ""
-    return f"{flag.help}{many}{env}{default}".replace("%", "%%")
+def _help_for(row: Row) -> str:
+    env = ""
+    if not row.no_env:
+        listed = ", comma-separated" if isinstance(row, ListFlag) and row.env_list else ""
+        env = f" [env {row.env}{listed}]"
+    default = f" (default {row.default!r})" if row.default != "" else ""
+    many = " Repeatable." if isinstance(row, ListFlag) else ""
+    return f"{row.help}{many}{env}{default}".replace("%", "%%")
 
 
-def build_parser(prog: str, description: str, flags: Sequence[Flag]) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str,
+    description: str,
+    rows: Sequence[Row],
+    *,
+    usage: str | None = None,
+    epilog: str | None = None,
+    version: str | None = None,
+) -> argparse.ArgumentParser:
+    """One ``--name`` option per row (listed in ``--help``), plus Go's ``-name`` spelling (not listed)."""
     parser = _Parser(
         prog=prog,
         description=description,
+        usage=usage,
+        epilog=epilog,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for flag in flags:
-        # Go's flag package accepts -name as well as --name.
-        names = [flag.option, f"-{flag.name}"]
-        if flag.boolean:
-            parser.add_argument(
-                *names,
-                dest=flag.dest,
-                nargs="?",
-                const="true",
-                default=None,
-                metavar="BOOL",
-                help=_help_for(flag),
-            )
-        elif flag.repeatable:
-            parser.add_argument(
-                *names,
-                dest=flag.dest,
-                action="append",
-                default=None,
-                metavar=flag.metavar or "VALUE",
-                help=_help_for(flag),
-            )
+    for row in rows:
+        kwargs: dict[str, Any] = {"dest": row.dest, "default": None}
+        if isinstance(row, ListFlag):
+            kwargs.update(action="append", metavar=row.metavar or "VALUE")
+        elif row.boolean:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
-            parser.add_argument(
-                *names,
-                dest=flag.dest,
-                default=None,
-                metavar=flag.metavar or "VALUE",
-                help=_help_for(flag),
-            )
+            kwargs.update(metavar=row.metavar or "VALUE")
+        parser.add_argument(row.option, help=_help_for(row), **kwargs)
+        # Go's flag package accepts -name as well as --name: command lines written
+        # for the Go tool keep working, but --help lists each flag once.
+        parser.add_argument(f"-{row.name}", help=argparse.SUPPRESS, **kwargs)
+    if version is not None:
+        parser.add_argument("--version", action="version", version=version, help="print the version and exit")
     return parser
+
+
+# ---- parsing ---------------------------------------------------------------------------
+
+
+class Values:
+    """Typed values of one command's flags, and where each came from."""
+
+    def __init__(
+        self, rows: Sequence[Row], values: dict[str, Any], names: dict[str, str], from_env: dict[str, bool]
+    ) -> None:
+        self._rows = {row.name: row for row in rows}  # as parsed: with their env prefix
+        self._values = values
+        self._names = names
+        self._from_env = from_env
+
+    def __getitem__(self, row: Flag[T] | ListFlag[T]) -> T:
+        value: T = self._values[row.name]
+        return value
+
+    def name(self, row: Row, *, like: Row | None = None) -> str:
+        """How the user set ``row``: ``--flag``, or ``ENV_VAR`` if it came from the environment.
+
+        A value left at its default is named the way ``like`` was set, so an
+        error about a pair (``--tls-cert`` without ``--tls-key``) speaks the
+        user's language: ``TLS_KEY`` when they used environment variables.
+        """
+        if row.name in self._names:
+            return self._names[row.name]
+        parsed = self._rows[row.name]
+        if like is not None and self._from_env.get(like.name) and not parsed.no_env:
+            return parsed.env
+        return parsed.option
+
+    def fields(self) -> dict[str, Any]:
+        """Keyword arguments for the settings object: each row's value under its field name(s)."""
+        out: dict[str, Any] = {}
+        for row in self._rows.values():
+            value = self._values[row.name]
+            if len(row.targets) == 1:
+                out[row.targets[0]] = value
+            else:
+                out.update(zip(row.targets, value, strict=True))
+        return out
+
+    def build(self, make: Callable[..., D]) -> D:
+        """``make(**fields)`` with the fields ``make`` (a dataclass) declares; the others are left out."""
+        taken = {f.name for f in fields(make)}  # type: ignore[arg-type]
+        return make(**{k: v for k, v in self.fields().items() if k in taken})
 
 
 def parse(
     prog: str,
     description: str,
-    flags: Sequence[Flag],
+    rows: Sequence[Row],
     argv: Sequence[str],
     env: Mapping[str, str],
-) -> Raw:
-    """Flag on the command line, else env var, else default: raw strings."""
-    parser = build_parser(prog, description, flags)
+    *,
+    usage: str | None = None,
+    epilog: str | None = None,
+    version: str | None = None,
+) -> Values:
+    """Flag on the command line, else env var, else default; each parsed into its typed value.
+
+    argparse itself exits 2 on an unknown flag; a bad value raises
+    :class:`ConfigError` naming the flag or the env var it came from.
+    """
+    parser = build_parser(prog, description, rows, usage=usage, epilog=epilog, version=version)
     ns = parser.parse_args(list(argv))
-    raw: Raw = {}
-    for flag in flags:
-        value = getattr(ns, flag.dest)
-        if value is None and not flag.no_env and flag.env in env:
-            env_value = env[flag.env]
-            if flag.repeatable:
-                value = split_list(env_value) if flag.env_list else [env_value]
-            else:
-                value = env_value
-        if value is None:
-            value = split_list(flag.default) if flag.repeatable else flag.default
-        raw[flag.name] = value
-    return raw
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    from_env: dict[str, bool] = {}
+    for row in rows:
+        given = getattr(ns, row.dest)
+        if given is not None:
+            text, name = given, row.option
+        elif not row.no_env and row.env in env:
+            text, name = env[row.env], row.env
+            if isinstance(row, ListFlag):
+                text = split_list(text) if row.env_list else [text]
+            from_env[row.name] = True
+        else:
+            text, name = row.default, None
+            if isinstance(row, ListFlag):
+                text = split_list(text)
+        try:
+            values[row.name] = row.parse(text)
+        except ValueError as exc:
+            raise ConfigError(name or row.option, str(exc)) from None
+        if name is not None:
+            names[row.name] = name
+    return Values(rows, values, names, from_env)
 
 
 def split_list(value: str) -> list[str]:
@@ -155,43 +266,11 @@ def split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",")]
 
 
-def parse_bool(flag: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "t", "true", "yes", "on"):
-        return True
-    if v in ("0", "f", "false", "no", "off"):
-        return False
-    raise ConfigError(f"--{flag}", f"invalid boolean {value!r} (use true or false)")
-
-
 def fail(prog: str, error: ConfigError) -> NoReturn:
     """Print the one-line configuration error and exit with status 2."""
     sys.stderr.write(f"{prog}: error: {error}\n")
     sys.stderr.flush()
     raise SystemExit(EXIT_USAGE)
-
-
-def parse_listen_addr(flag: str, value: str, *, allow_empty_host: bool = True) -> tuple[str, int]:
-    """``host:port`` / ``:port`` / ``[::1]:port`` → (host, port); ``""`` host = all interfaces."""
-    v = value.strip()
-    if not v:
-        raise ConfigError(f"--{flag}", "must not be empty (use host:port, e.g. :8080)")
-    if v.startswith("["):
-        end = v.find("]")
-        if end < 0 or not v[end + 1 :].startswith(":"):
-            raise ConfigError(f"--{flag}", f"invalid address {value!r} (use [v6addr]:port)")
-        host, port_s = v[1:end], v[end + 2 :]
-    else:
-        if ":" not in v:
-            raise ConfigError(f"--{flag}", f"invalid address {value!r} (missing :port)")
-        host, _, port_s = v.rpartition(":")
-        if ":" in host:
-            raise ConfigError(f"--{flag}", f"invalid address {value!r} (bracket IPv6 hosts)")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ConfigError(f"--{flag}", f"invalid port in {value!r}")
-    if not host and not allow_empty_host:
-        raise ConfigError(f"--{flag}", f"missing host in {value!r}")
-    return host, int(port_s)
 
 
 def bind_string(host: str, port: int) -> str:

@@ -1,8 +1,14 @@
 """Proxy flags + env vars → one frozen :class:`Settings`, validated once.
 
-The flag table is the drop-in contract with the Go reference (REFERENCE.md A1)
-plus our additions. Every validation failure is a :class:`ConfigError` naming
-the flag; the CLI prints it as one line and exits 2 before anything starts.
+:data:`PROXY_FLAGS` is the drop-in contract with the Go tool (same flag and
+env var names) plus our additions. Each row declares a setting once: its
+flag, env var, default, help and the parse function that checks the text and
+turns it into the value of its :class:`Settings` field(s). The same table
+builds ``--help``. Checks that need two values (TLS pair, skew < duration,
+metrics address ≠ listen address) run after that, in :func:`_check`.
+
+Every failure is a :class:`ConfigError` naming what the user set (``--flag``
+or ``ENV_VAR``); the CLI prints it as one line and exits 2 before anything starts.
 """
 
 from __future__ import annotations
@@ -14,78 +20,257 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..routing.target import parse_authority
-from . import flags
-from .durations import parse_duration
-from .flags import ConfigError, Flag
+from . import flags, values
+from .flags import ConfigError, Flag, ListFlag
+from .values import LOG_FORMATS, LOG_LEVELS
+
+__all__ = [
+    "ALGORITHMS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "PROG",
+    "PROXY_FLAGS",
+    "ConfigError",
+    "Settings",
+    "load",
+]
 
 PROG = "aws-outbound-jwt-proxy"
-
-PROXY_FLAGS: tuple[Flag, ...] = (
-    Flag("listen-addr", ":8080", "host:port of the proxy listener (:8080 = all interfaces)"),
-    Flag("upstream-host", "", "pinned upstream host[:port]; when set the routing header is ignored"),
-    Flag("upstream-scheme", "https", "scheme for the outbound call: http or https"),
-    Flag(
-        "host-header",
-        "X-Upstream-Host",
-        "request header naming the upstream when not pinned; 'Host' = the request's own Host",
-    ),
-    Flag("upstream-timeout", "30s", "max wait for the upstream's response headers"),
-    Flag(
-        "token-audience",
-        "",
-        "static JWT audience; empty = dynamic audience <scheme>://<host>",
-        repeatable=True,
-        env_list=True,
-    ),
-    Flag("token-signing-algorithm", "RS256", "JWT signing algorithm: RS256 or ES384"),
-    Flag("token-duration", "1h", "requested JWT lifetime, 60s..1h"),
-    Flag("token-refresh-skew", "5m", "refresh this long before expiry (> 0, < token-duration)"),
-    Flag(
-        "token-tag",
-        "",
-        "key=value session tag put in the JWT's request_tags",
-        repeatable=True,
-        env_list=True,
-        env_name="TOKEN_TAGS",
-    ),
-    Flag("token-cache-max-entries", "1024", "most audience sets kept (least recently used evicted)"),
-    Flag("token-cache-idle-ttl", "1h", "a dynamic audience set unused this long is dropped"),
-    Flag(
-        "allowed-upstream-hosts",
-        "",
-        "header/Host routing only: allowed targets (host, host:port, *.suffix); empty = any",
-        repeatable=True,
-        env_list=True,
-    ),
-    Flag("upstream-ca-file", "", "PEM bundle to verify upstream TLS (default: system/certifi roots)"),
-    Flag("shutdown-timeout", "10s", "on SIGTERM/SIGINT, how long in-flight requests may finish"),
-    Flag("log-level", "info", "debug, info, warn or error"),
-    Flag("log-format", "json", "json or text"),
-    Flag("tls-cert", "", "PEM certificate for an HTTPS listener (with --tls-key)"),
-    Flag("tls-key", "", "PEM private key for an HTTPS listener (with --tls-cert)"),
-    Flag("metrics-enabled", "true", "serve Prometheus metrics and health probes", boolean=True),
-    Flag("metrics-listen-addr", ":9090", "host:port of the metrics listener"),
-    Flag("metrics-path", "/metrics", "path of the metrics endpoint on the metrics listener"),
-)
+ALGORITHMS = ("RS256", "ES384")
 
 DESCRIPTION = (
     "Reverse proxy that puts a short-lived AWS STS web identity JWT "
     "(Authorization: Bearer) on every outbound request.\n"
-    "Sub-commands: sts-emulator, echo-upstream, demo (each has --help).\n"
     "AWS region and credentials come from the standard AWS chain; "
     "AWS_ENDPOINT_URL_STS points STS elsewhere."
 )
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
-LOG_FORMATS = ("json", "text")
-ALGORITHMS = ("RS256", "ES384")
-
 _TAG_KEY = re.compile(r"^[\w+=,.@:/-]{1,128}$")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 header name
+
+
+# ---- one value at a time -----------------------------------------------------------------
+
+
+def _upstream_host(value: str) -> str:
+    host = value.strip()
+    if not host:
+        return host
+    if "://" in host:
+        raise ValueError(f"must be host[:port] without a scheme, got {host!r}")
+    try:
+        parse_authority("https", host)
+    except ValueError as exc:
+        raise ValueError(f"must be host[:port]: {exc}, got {host!r}") from None
+    return host
+
+
+def _scheme(value: str) -> str:
+    scheme = value.strip().lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"must be http or https, got {scheme!r}")
+    return scheme
+
+
+def _host_header(value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise ValueError("must not be empty")
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+def _audiences(items: list[str]) -> tuple[str, ...]:
+    for aud in items:
+        if aud == "" or any(c.isspace() for c in aud):
+            raise ValueError(f"empty or contains whitespace: {aud!r}")
+    return tuple(items)
+
+
+def _algorithm(value: str) -> str:
+    algorithm = value.strip().upper()
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"must be RS256 or ES384, got {algorithm!r}")
+    return algorithm
+
+
+_lifetime = values.duration(at_least=60, at_most=3600)
+
+
+def _token_duration(value: str) -> int:
+    return int(_lifetime(value))
+
+
+def _tags(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"must be key=value with both non-empty, got {item!r}")
+        if not _TAG_KEY.match(key) or len(value) > 256:
+            raise ValueError(f"invalid tag {key!r} (key <= 128, value <= 256 chars)")
+        if key in seen:
+            raise ValueError(f"duplicate tag key {key!r}")
+        seen.add(key)
+        out.append((key, value))
+    if len(out) > 50:
+        raise ValueError(f"at most 50 tags, got {len(out)}")
+    return tuple(out)
+
+
+def _allowed_hosts(items: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    # Repeatable, and each value may itself be a comma list (as in the env var).
+    for item in (part for value in items for part in value.split(",")):
+        pattern = item.strip().lower()
+        body = pattern[2:] if pattern.startswith("*.") else pattern
+        if not body or "*" in body or "/" in body or any(c.isspace() for c in body):
+            raise ValueError(f"invalid pattern {item!r} (use host, host:port or *.suffix)")
+        out.append(pattern)
+    return tuple(out)
+
+
+def _ca_file(value: str) -> str:
+    path = value.strip()
+    if not path:
+        return path
+    if not os.path.isfile(path):
+        raise ValueError(f"file not found: {path}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"not a PEM certificate bundle: {path} ({exc})") from None
+    return path
+
+
+def _file(value: str) -> str:
+    path = value.strip()
+    if path and not os.path.isfile(path):
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+def _metrics_path(value: str) -> str:
+    path = value.strip()
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    return path
+
+
+LISTEN_ADDR = Flag(
+    "listen-addr",
+    ":8080",
+    values.listen_addr,
+    "host:port of the proxy listener (:8080 = all interfaces)",
+    into=("listen_host", "listen_port"),
+)
+TOKEN_DURATION = Flag("token-duration", "1h", _token_duration, "requested JWT lifetime, 60s..1h")
+TOKEN_REFRESH_SKEW = Flag(
+    "token-refresh-skew",
+    "5m",
+    values.duration(above=0),
+    "refresh this long before expiry (> 0, < token-duration)",
+)
+TLS_CERT = Flag("tls-cert", "", _file, "PEM certificate for an HTTPS listener (with --tls-key)")
+TLS_KEY = Flag("tls-key", "", _file, "PEM private key for an HTTPS listener (with --tls-cert)")
+METRICS_ENABLED = Flag(
+    "metrics-enabled", "true", values.boolean, "serve Prometheus metrics and health probes", boolean=True
+)
+METRICS_LISTEN_ADDR = Flag(
+    "metrics-listen-addr",
+    ":9090",
+    values.listen_addr,
+    "host:port of the metrics listener",
+    into=("metrics_host", "metrics_port"),
+)
+
+PROXY_FLAGS: tuple[flags.Row, ...] = (
+    LISTEN_ADDR,
+    Flag(
+        "upstream-host",
+        "",
+        _upstream_host,
+        "pinned upstream host[:port]; when set the routing header is ignored",
+    ),
+    Flag("upstream-scheme", "https", _scheme, "scheme for the outbound call: http or https"),
+    Flag(
+        "host-header",
+        "X-Upstream-Host",
+        _host_header,
+        "request header naming the upstream when not pinned; 'Host' = the request's own Host",
+    ),
+    Flag(
+        "upstream-timeout",
+        "30s",
+        values.duration(above=0),
+        "max wait for the upstream's response headers",
+    ),
+    ListFlag(
+        "token-audience",
+        "",
+        _audiences,
+        "static JWT audience; empty = dynamic audience <scheme>://<host>",
+        into="token_audiences",
+    ),
+    Flag("token-signing-algorithm", "RS256", _algorithm, "JWT signing algorithm: RS256 or ES384"),
+    TOKEN_DURATION,
+    TOKEN_REFRESH_SKEW,
+    ListFlag(
+        "token-tag",
+        "",
+        _tags,
+        "key=value session tag put in the JWT's request_tags",
+        into="token_tags",
+        env_name="TOKEN_TAGS",
+    ),
+    Flag(
+        "token-cache-max-entries",
+        "1024",
+        values.positive_int,
+        "most audience sets kept (least recently used evicted)",
+    ),
+    Flag(
+        "token-cache-idle-ttl",
+        "1h",
+        values.duration(above=0),
+        "a dynamic audience set unused this long is dropped",
+    ),
+    ListFlag(
+        "allowed-upstream-hosts",
+        "",
+        _allowed_hosts,
+        "header/Host routing only: allowed targets (host, host:port, *.suffix); empty = any",
+    ),
+    Flag(
+        "upstream-ca-file",
+        "",
+        _ca_file,
+        "PEM bundle to verify upstream TLS (default: system/certifi roots)",
+    ),
+    Flag(
+        "shutdown-timeout",
+        "10s",
+        values.duration(at_least=0),
+        "on SIGTERM/SIGINT, how long in-flight requests may finish",
+    ),
+    *values.log_flags(),
+    TLS_CERT,
+    TLS_KEY,
+    METRICS_ENABLED,
+    METRICS_LISTEN_ADDR,
+    Flag("metrics-path", "/metrics", _metrics_path, "path of the metrics endpoint on the metrics listener"),
+)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the proxy needs, validated; never mutated after start-up."""
+    """Everything the proxy needs, validated; never mutated after start-up.
+
+    Built from :data:`PROXY_FLAGS`: every field is filled by the row naming it.
+    """
 
     listen_host: str
     listen_port: int
@@ -121,206 +306,83 @@ class Settings:
         return self.tls_cert != ""
 
 
-def _one(raw: flags.Raw, name: str) -> str:
-    value = raw[name]
-    assert isinstance(value, str)
-    return value
+# ---- values that must agree ------------------------------------------------------------
 
 
-def _many(raw: flags.Raw, name: str) -> list[str]:
-    value = raw[name]
-    assert isinstance(value, list)
-    return value
+def _check(s: Settings, given: flags.Values) -> None:
+    """Cross-field checks; each error names the value to change, as the user set it."""
+    if bool(s.tls_cert) != bool(s.tls_key):
+        have, missing = (TLS_CERT, TLS_KEY) if s.tls_cert else (TLS_KEY, TLS_CERT)
+        raise ConfigError(
+            given.name(missing, like=have),
+            f"{given.name(TLS_CERT, like=have)} and {given.name(TLS_KEY, like=have)} must be given together",
+        )
+    if s.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(s.tls_cert, s.tls_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(given.name(TLS_CERT), f"cannot load certificate/key pair: {exc}") from None
 
+    if s.token_refresh_skew >= s.token_duration:
+        duration = f"{given.name(TOKEN_DURATION, like=TOKEN_REFRESH_SKEW)} ({values.show(s.token_duration)})"
+        raise ConfigError(
+            given.name(TOKEN_REFRESH_SKEW, like=TOKEN_DURATION),
+            f"must be < {duration}, got {values.show(s.token_refresh_skew)}",
+        )
 
-def _duration(raw: flags.Raw, name: str) -> float:
-    try:
-        return parse_duration(_one(raw, name))
-    except ValueError as exc:
-        raise ConfigError(f"--{name}", str(exc)) from None
-
-
-def _positive_int(raw: flags.Raw, name: str) -> int:
-    text = _one(raw, name).strip()
-    if not text.isdigit() or int(text) <= 0:
-        raise ConfigError(f"--{name}", f"must be a positive integer, got {text!r}")
-    return int(text)
-
-
-def validate_upstream_host(value: str) -> str:
-    if "://" in value:
-        raise ConfigError("--upstream-host", f"must be host[:port] without a scheme, got {value!r}")
-
-    try:
-        parse_authority("https", value)
-    except ValueError as exc:
-        raise ConfigError("--upstream-host", f"must be host[:port]: {exc}, got {value!r}") from None
-    return value
-
-
-def _ca_file(path: str) -> str:
-    if not path:
-        return path
-    if not os.path.isfile(path):
-        raise ConfigError("--upstream-ca-file", f"file not found: {path}")
-    try:
-        ssl.create_default_context(cafile=path)
-    except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError("--upstream-ca-file", f"not a PEM certificate bundle: {path} ({exc})") from None
-    return path
-
-
-def _tls_pair(cert: str, key: str) -> None:
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError("--tls-cert", f"cannot load certificate/key pair: {exc}") from None
-
-
-def _tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for item in values:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise ConfigError("--token-tag", f"must be key=value with both non-empty, got {item!r}")
-        if not _TAG_KEY.match(key) or len(value) > 256:
-            raise ConfigError("--token-tag", f"invalid tag {key!r} (key <= 128, value <= 256 chars)")
-        if key in seen:
-            raise ConfigError("--token-tag", f"duplicate tag key {key!r}")
-        seen.add(key)
-        out.append((key, value))
-    if len(out) > 50:
-        raise ConfigError("--token-tag", f"at most 50 tags, got {len(out)}")
-    return tuple(out)
-
-
-def _allowed_hosts(values: Sequence[str]) -> tuple[str, ...]:
-    out: list[str] = []
-    # Repeatable, and each value may itself be a comma list (as in the env var).
-    for item in (part for value in values for part in value.split(",")):
-        pattern = item.strip().lower()
-        body = pattern[2:] if pattern.startswith("*.") else pattern
-        if not body or "*" in body or "/" in body or any(c.isspace() for c in body):
-            raise ConfigError(
-                "--allowed-upstream-hosts",
-                f"invalid pattern {item!r} (use host, host:port or *.suffix)",
-            )
-        out.append(pattern)
-    return tuple(out)
-
-
-def from_raw(raw: flags.Raw) -> Settings:
-    """Validate raw flag strings into :class:`Settings` (raises ConfigError)."""
-    listen_host, listen_port = flags.parse_listen_addr("listen-addr", _one(raw, "listen-addr"))
-
-    scheme = _one(raw, "upstream-scheme").strip().lower()
-    if scheme not in ("http", "https"):
-        raise ConfigError("--upstream-scheme", f"must be http or https, got {scheme!r}")
-
-    upstream_host = _one(raw, "upstream-host").strip()
-    if upstream_host:
-        validate_upstream_host(upstream_host)
-
-    host_header = _one(raw, "host-header").strip()
-    if not host_header:
-        raise ConfigError("--host-header", "must not be empty")
-    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", host_header):
-        raise ConfigError("--host-header", f"invalid header name {host_header!r}")
-
-    tls_cert, tls_key = _one(raw, "tls-cert").strip(), _one(raw, "tls-key").strip()
-    if bool(tls_cert) != bool(tls_key):
-        missing = "--tls-key" if tls_cert else "--tls-cert"
-        raise ConfigError(missing, "--tls-cert and --tls-key must be given together")
-    for name, path in (("tls-cert", tls_cert), ("tls-key", tls_key)):
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"--{name}", f"file not found: {path}")
-    if tls_cert:
-        _tls_pair(tls_cert, tls_key)
-
-    upstream_timeout = _duration(raw, "upstream-timeout")
-    if upstream_timeout <= 0:
-        raise ConfigError("--upstream-timeout", "must be > 0")
-
-    audiences: list[str] = []
-    for aud in _many(raw, "token-audience"):
-        if aud == "" or any(c.isspace() for c in aud):
-            raise ConfigError("--token-audience", f"empty or contains whitespace: {aud!r}")
-        audiences.append(aud)
-
-    algorithm = _one(raw, "token-signing-algorithm").strip().upper()
-    if algorithm not in ALGORITHMS:
-        raise ConfigError("--token-signing-algorithm", f"must be RS256 or ES384, got {algorithm!r}")
-
-    duration = _duration(raw, "token-duration")
-    if not 60 <= duration <= 3600:
-        raise ConfigError("--token-duration", "must be between 60s and 1h inclusive")
-    skew = _duration(raw, "token-refresh-skew")
-    if skew <= 0 or skew >= duration:
-        raise ConfigError("--token-refresh-skew", "must be > 0 and < --token-duration")
-
-    idle_ttl = _duration(raw, "token-cache-idle-ttl")
-    if idle_ttl <= 0:
-        raise ConfigError("--token-cache-idle-ttl", "must be > 0")
-    shutdown_timeout = _duration(raw, "shutdown-timeout")
-    if shutdown_timeout < 0:
-        raise ConfigError("--shutdown-timeout", "must be >= 0")
-
-    ca_file = _ca_file(_one(raw, "upstream-ca-file").strip())
-
-    level = _one(raw, "log-level").strip().lower()
-    if level == "warning":
-        level = "warn"
-    if level not in LOG_LEVELS:
-        raise ConfigError("--log-level", f"must be one of debug, info, warn, error, got {level!r}")
-    fmt = _one(raw, "log-format").strip().lower()
-    if fmt not in LOG_FORMATS:
-        raise ConfigError("--log-format", f"must be json or text, got {fmt!r}")
-
-    metrics_enabled = flags.parse_bool("metrics-enabled", _one(raw, "metrics-enabled"))
-    metrics_addr = _one(raw, "metrics-listen-addr").strip()
-    if not metrics_addr:
-        raise ConfigError("--metrics-listen-addr", "must not be empty")
-    metrics_host, metrics_port = flags.parse_listen_addr("metrics-listen-addr", metrics_addr)
     # Port 0 asks the OS for a free port, so two ":0" addresses never collide.
-    same = (metrics_host, metrics_port) == (listen_host, listen_port)
-    clash = same or metrics_addr == _one(raw, "listen-addr").strip()
-    if metrics_enabled and clash and metrics_port != 0:
-        raise ConfigError("--metrics-listen-addr", "must differ from --listen-addr")
-    metrics_path = _one(raw, "metrics-path").strip()
-    if not metrics_path.startswith("/"):
-        raise ConfigError("--metrics-path", f"must start with '/', got {metrics_path!r}")
+    def everywhere(host: str) -> str:
+        return "0.0.0.0" if host == "" else host
 
-    return Settings(
-        listen_host=listen_host,
-        listen_port=listen_port,
-        upstream_host=upstream_host,
-        upstream_scheme=scheme,
-        host_header=host_header,
-        upstream_timeout=upstream_timeout,
-        token_audiences=tuple(audiences),
-        token_signing_algorithm=algorithm,
-        token_duration=int(duration),
-        token_refresh_skew=skew,
-        token_tags=_tags(_many(raw, "token-tag")),
-        token_cache_max_entries=_positive_int(raw, "token-cache-max-entries"),
-        token_cache_idle_ttl=idle_ttl,
-        allowed_upstream_hosts=_allowed_hosts(_many(raw, "allowed-upstream-hosts")),
-        upstream_ca_file=ca_file,
-        shutdown_timeout=shutdown_timeout,
-        log_level=level,
-        log_format=fmt,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        metrics_enabled=metrics_enabled,
-        metrics_host=metrics_host,
-        metrics_port=metrics_port,
-        metrics_path=metrics_path,
+    same = (everywhere(s.metrics_host), s.metrics_port) == (everywhere(s.listen_host), s.listen_port)
+    if s.metrics_enabled and same and s.metrics_port != 0:
+        raise ConfigError(
+            given.name(METRICS_LISTEN_ADDR, like=LISTEN_ADDR),
+            f"must differ from {given.name(LISTEN_ADDR, like=METRICS_LISTEN_ADDR)}",
+        )
+
+
+# ---- entry points ----------------------------------------------------------------------
+
+
+def _usage(commands: Sequence[str]) -> str:
+    usage = "%(prog)s [--FLAG VALUE ...]"
+    if commands:
+        usage += "\n       %(prog)s {" + ",".join(commands) + "} [ARGS ...]"
+    return usage
+
+
+def _epilog(commands: Mapping[str, str]) -> str | None:
+    if not commands:
+        return None
+    width = max(len(name) for name in commands) + 2
+    lines = [f"  {name:<{width}}{summary}" for name, summary in commands.items()]
+    return "commands (each has --help):\n" + "\n".join(lines)
+
+
+def load(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    commands: Mapping[str, str] | None = None,
+    version: str | None = None,
+) -> Settings:
+    """Parse argv + env into Settings; raises ConfigError (argparse exits itself: 2, or 0 for --help).
+
+    ``commands`` (name → one-line summary) are the CLI's sub-commands, listed in
+    the usage line and ``--help``; ``version`` enables ``--version``.
+    """
+    commands = commands or {}
+    given = flags.parse(
+        PROG,
+        DESCRIPTION,
+        PROXY_FLAGS,
+        argv,
+        os.environ if env is None else env,
+        usage=_usage(list(commands)),
+        epilog=_epilog(commands),
+        version=version,
     )
-
-
-def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
-    """Parse argv + env into Settings; raises ConfigError (argparse exits 2 itself)."""
-    raw = flags.parse(PROG, DESCRIPTION, PROXY_FLAGS, argv, os.environ if env is None else env)
-    return from_raw(raw)
+    settings = Settings(**given.fields())
+    _check(settings, given)
+    return settings

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from ..config import flags
+from ..config import flags, values
 from ..config import settings as config
 from ..config.flags import ConfigError, Flag
 from ..observe import logs
@@ -34,13 +34,19 @@ DESCRIPTION = (
     "send one request through and print what the upstream verified. Ctrl-C to stop.\n"
     "Development only: boto3 in this process talks to the emulator, never to AWS."
 )
-FLAGS = (
-    Flag("listen-addr", "127.0.0.1:8080", "proxy listener", no_env=True),
-    Flag("metrics-listen-addr", "127.0.0.1:9090", "metrics/health listener", no_env=True),
-    Flag("sts-listen-addr", "127.0.0.1:0", "STS emulator listener (port 0 = any free port)", no_env=True),
-    Flag("upstream-listen-addr", "127.0.0.1:0", "echo upstream listener", no_env=True),
-    Flag("token-signing-algorithm", "RS256", "RS256 or ES384", no_env=True),
-    Flag("log-level", "warn", "proxy log level", no_env=True),
+FLAGS: tuple[flags.Row, ...] = (
+    Flag("listen-addr", "127.0.0.1:8080", values.text, "proxy listener", no_env=True),
+    Flag("metrics-listen-addr", "127.0.0.1:9090", values.text, "metrics/health listener", no_env=True),
+    Flag(
+        "sts-listen-addr",
+        "127.0.0.1:0",
+        values.listen_addr,
+        "STS emulator listener (port 0 = any free port)",
+        no_env=True,
+    ),
+    Flag("upstream-listen-addr", "127.0.0.1:0", values.listen_addr, "echo upstream listener", no_env=True),
+    Flag("token-signing-algorithm", "RS256", values.text, "RS256 or ES384", no_env=True),
+    values.log_level_flag("warn", "proxy log level", no_env=True),
 )
 SHOWN = 16  # characters of the token printed
 
@@ -73,9 +79,24 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-async def run(raw: dict[str, str], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    sts_host, sts_port = flags.parse_listen_addr("sts-listen-addr", raw["sts-listen-addr"])
-    up_host, up_port = flags.parse_listen_addr("upstream-listen-addr", raw["upstream-listen-addr"])
+def _proxy_args(raw: dict[str, Any], upstream: str) -> list[str]:
+    """The proxy's command line: the demo's proxy flags, pinned to the echo upstream."""
+    return [
+        f"--listen-addr={raw['listen_addr']}",
+        f"--metrics-listen-addr={raw['metrics_listen_addr']}",
+        f"--token-signing-algorithm={raw['token_signing_algorithm']}",
+        f"--log-level={raw['log_level']}",
+        f"--upstream-host={upstream}",
+        "--upstream-scheme=http",
+        "--log-format=text",
+        "--shutdown-timeout=2s",
+    ]
+
+
+async def run(raw: dict[str, Any], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """``raw``: the flags' values by dest; the proxy's addresses as text, the others as (host, port)."""
+    sts_host, sts_port = raw["sts_listen_addr"]
+    up_host, up_port = raw["upstream_listen_addr"]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         sts_url: str = await nursery.start(serve_emulator, EmulatorOptions(host=sts_host, port=sts_port))
@@ -94,27 +115,7 @@ async def run(raw: dict[str, str], *, task_status: trio.TaskStatus[str] = trio.T
         upstream_url: str = await nursery.start(
             echo.serve, echo.Options(host=up_host, port=up_port, issuer=sts_url, audience=audience)
         )
-        settings = config.load(
-            [
-                "--listen-addr",
-                raw["listen-addr"],
-                "--metrics-listen-addr",
-                raw["metrics-listen-addr"],
-                "--upstream-host",
-                _authority(upstream_url),
-                "--upstream-scheme",
-                "http",
-                "--token-signing-algorithm",
-                raw["token-signing-algorithm"],
-                "--log-format",
-                "text",
-                "--log-level",
-                raw["log-level"],
-                "--shutdown-timeout",
-                "2s",
-            ],
-            env={},
-        )
+        settings = config.load(_proxy_args(raw, _authority(upstream_url)), env={})
         fetcher = await trio.to_thread.run_sync(sts.build_fetcher)
         binds: list[str] = await nursery.start(partial(serve.run, settings, fetcher, handle_signals=False))
         proxy_url = binds[0]
@@ -149,15 +150,12 @@ async def run(raw: dict[str, str], *, task_status: trio.TaskStatus[str] = trio.T
 
 def main(argv: list[str] | Sequence[str]) -> int:
     try:
-        raw_any = flags.parse(PROG, DESCRIPTION, FLAGS, list(argv), {})
-        raw = {k: v for k, v in raw_any.items() if isinstance(v, str)}
-        for name in ("listen-addr", "metrics-listen-addr", "sts-listen-addr", "upstream-listen-addr"):
-            flags.parse_listen_addr(name, raw[name])
-        if raw["log-level"] not in logs.LEVELS:
-            raise ConfigError("--log-level", "must be one of debug, info, warn, error")
+        raw = flags.parse(PROG, DESCRIPTION, FLAGS, list(argv), {}).fields()
+        # The proxy's own settings are checked now, before anything starts.
+        config.load(_proxy_args(raw, "127.0.0.1:1"), env={})
     except ConfigError as exc:
         flags.fail(PROG, exc)
-    logs.setup(raw["log-level"], "text")
+    logs.setup(raw["log_level"], "text")
     try:
         trio.run(run, raw)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed

@@ -28,8 +28,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart_trio import QuartTrio
 
-from ..config import flags
-from ..config.durations import parse_duration
+from ..config import flags, values
 from ..config.flags import ConfigError, Flag
 from ..observe import logs
 from ..server.running import run
@@ -44,17 +43,51 @@ DESCRIPTION = (
     "as JSON.\nWith --issuer it verifies the bearer JWT like a third party would "
     "(OIDC discovery, JWKS, signature, exp, iss, aud) and answers 401 when it is invalid."
 )
-FLAGS: tuple[Flag, ...] = flags.prefixed(
+
+
+def _issuer(value: str) -> str | None:
+    issuer = value.strip()
+    if issuer and (not issuer.startswith(("http://", "https://")) or any(c in issuer for c in "?# ")):
+        raise ValueError(f"must be an http(s) URL without query or fragment, got {issuer!r}")
+    return issuer or None
+
+
+def _audience(value: str) -> str | None:
+    audience = value.strip()
+    if any(c.isspace() for c in audience):
+        raise ValueError(f"must not contain whitespace, got {audience!r}")
+    return audience or None
+
+
+LISTEN_ADDR = Flag(
+    "listen-addr",
+    "127.0.0.1:8081",
+    values.listen_addr,
+    "host:port to listen on (port 0 = any free port)",
+    into=("host", "port"),
+)
+ISSUER = Flag(
+    "issuer", "", _issuer, "OIDC issuer URL; when set every request needs a valid bearer JWT from it"
+)
+AUDIENCE = Flag(
+    "audience",
+    "",
+    _audience,
+    "with --issuer: aud must contain this; empty = any aud, but aud must be present",
+)
+FLAGS: tuple[flags.Row, ...] = flags.prefixed(
     "ECHO_UPSTREAM_",
     (
-        Flag("listen-addr", "127.0.0.1:8081", "host:port to listen on (port 0 = any free port)"),
-        Flag("issuer", "", "OIDC issuer URL; when set every request needs a valid bearer JWT from it"),
+        LISTEN_ADDR,
+        ISSUER,
+        AUDIENCE,
         Flag(
-            "audience", "", "with --issuer: aud must contain this; empty = any aud, but aud must be present"
+            "leeway",
+            "60s",
+            values.duration(at_least=0, at_most=3600),
+            "clock skew allowed when checking exp, iat and nbf",
         ),
-        Flag("leeway", "60s", "clock skew allowed when checking exp, iat and nbf"),
-        Flag("log-level", "info", "debug, info, warn or error"),
-        Flag("log-format", "json", "json or text"),
+        *values.log_flags(),
     ),
 )
 SHOWN_CHARS = 12  # of a credential, in the request log line
@@ -77,30 +110,12 @@ class Options:
 
 def load(argv: Sequence[str], env: Mapping[str, str]) -> tuple[Options, str, str]:
     """Flags (then env vars) → (options, log level, log format); raises ConfigError."""
-    raw = flags.parse(PROG, DESCRIPTION, FLAGS, argv, env)
-    values = {name: value for name, value in raw.items() if isinstance(value, str)}
-    host, port = flags.parse_listen_addr("listen-addr", values["listen-addr"])
-    issuer = values["issuer"].strip()
-    if issuer and (not issuer.startswith(("http://", "https://")) or any(c in issuer for c in "?# ")):
-        raise ConfigError("--issuer", f"must be an http(s) URL without query or fragment, got {issuer!r}")
-    audience = values["audience"].strip()
-    if audience and not issuer:
-        raise ConfigError("--audience", "only makes sense with --issuer")
-    if any(c.isspace() for c in audience):
-        raise ConfigError("--audience", f"must not contain whitespace, got {audience!r}")
-    try:
-        leeway = parse_duration(values["leeway"])
-    except ValueError as exc:
-        raise ConfigError("--leeway", str(exc)) from None
-    if not 0 <= leeway <= 3600:
-        raise ConfigError("--leeway", f"must be between 0s and 1h, got {values['leeway']!r}")
-    level, fmt = values["log-level"].strip().lower(), values["log-format"].strip().lower()
-    if level not in logs.LEVELS:
-        raise ConfigError("--log-level", f"must be debug, info, warn or error, got {level!r}")
-    if fmt not in ("json", "text"):
-        raise ConfigError("--log-format", f"must be json or text, got {fmt!r}")
-    options = Options(host, port, issuer or None, audience or None, leeway)
-    return options, level, fmt
+    given = flags.parse(PROG, DESCRIPTION, FLAGS, argv, env)
+    options = given.build(Options)
+    if options.audience is not None and options.issuer is None:
+        raise ConfigError(given.name(AUDIENCE), f"only makes sense with {given.name(ISSUER, like=AUDIENCE)}")
+    fields = given.fields()
+    return options, fields["log_level"], fields["log_format"]
 
 
 # ---- pure request helpers ------------------------------------------------
