@@ -4,17 +4,31 @@ The same app as the console script. Here hypercorn owns the proxy sockets and
 the process, so the token supervisor and the metrics listener run in the app's
 lifespan nursery. With ``-w N`` every worker binds the metrics address with
 SO_REUSEPORT; set ``PROMETHEUS_MULTIPROC_DIR`` so any worker's scrape covers all.
+
+A start-up failure is one line on stderr and a non-zero exit of the process
+that loads the app, never a traceback: 2 for a configuration mistake (the
+console script's one-line error), 1 for an environment that cannot serve (no
+AWS region, metrics port in use; logged as ``start-up failed: ...``).
+
+hypercorn runs the app in worker processes (one by default) and its
+supervising process exits 0 whatever a worker's status was (hypercorn 0.18,
+``run.run`` re-reads the exit codes of an already emptied worker list;
+pgjones/hypercorn#269). The supervisor never imports the app, so nothing here
+can change that: ``hypercorn --workers 0`` runs the app in hypercorn's own
+process, whose exit status is then the one described above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import NoReturn
 
 import trio
 from quart_trio import QuartTrio
 
-from .config import flags
+from .config import envcheck, flags
 from .config import settings as config
 from .observe import health, logs, metrics
 from .proxy.app import create_app
@@ -25,31 +39,63 @@ from .tokens import supervisor as tokens
 log = logging.getLogger("aws_outbound_jwt_proxy.asgi")
 
 
+def _startup_failed(error: BaseException) -> NoReturn:
+    """Log ``start-up failed: ...`` (one line) and end this process with status 1, from the lifespan.
+
+    Neither an exception nor SystemExit can do that from ``before_serving``:
+    Quart turns an exception into ``lifespan.startup.failed``, which hypercorn
+    re-raises with a multi-line traceback; a SystemExit reaches hypercorn
+    wrapped in a trio exception group, which it logs before serving on
+    *without* the lifespan — a proxy with no token supervisor. ``os._exit``
+    after flushing the log is the one exit neither can intercept; nothing is
+    lost by skipping clean-up, as nothing has been served yet.
+    """
+    log.error(f"start-up failed: {error}")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(serve.EXIT_STARTUP)
+
+
 def build() -> QuartTrio:
+    # Failures while hypercorn imports the app end the worker through SystemExit,
+    # which the import path passes through unwrapped: no traceback, the status kept.
     try:
         settings = config.load([], os.environ)
     except flags.ConfigError as exc:
-        flags.fail(config.PROG, exc)
+        flags.fail(config.PROG, exc)  # one line, SystemExit(2)
     logs.setup(settings.log_level, settings.log_format)
+    envcheck.warn(os.environ, log)
     patches.install()
+    try:
+        fetcher = sts.build_fetcher()
+    except sts.StsSetupError as exc:
+        log.error(f"start-up failed: {exc}")
+        raise SystemExit(serve.EXIT_STARTUP) from None
     m: metrics.Metrics | metrics.NullMetrics = (
         metrics.Metrics() if settings.metrics_enabled else metrics.NullMetrics()
     )
-    supervisor = tokens.Supervisor(settings, sts.build_fetcher(), m.tokens)
+    supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
     app = create_app(settings, supervisor, observer=m)
 
     @app.before_serving
     async def start_background() -> None:
-        await app.nursery.start(supervisor.run)
-        if isinstance(m, metrics.Metrics):
-            m.watch(supervisor.snapshot)
-            cfg = serve.hypercorn_config(settings.metrics_host, settings.metrics_port)
-            cfg.workers = 2  # only makes hypercorn set SO_REUSEPORT: workers share the port
-            sockets = serve.bind(cfg, "--metrics-listen-addr")
-            metrics_app = metrics.create_app(m, readiness, settings.metrics_path)
-            binds = await app.nursery.start(serve.serve_app, metrics_app, cfg, sockets, trio.sleep_forever)
-            log.info("metrics listening", extra={"addresses": binds, "path": settings.metrics_path})
+        try:
+            await app.nursery.start(supervisor.run)
+            if isinstance(m, metrics.Metrics):
+                m.watch(supervisor.snapshot)
+                cfg = serve.hypercorn_config(settings.metrics_host, settings.metrics_port)
+                cfg.workers = 2  # only makes hypercorn set SO_REUSEPORT: workers share the port
+                # Under hypercorn every setting comes from the environment: name the variable.
+                sockets = serve.bind(cfg, config.METRICS_LISTEN_ADDR.env)
+                metrics_app = metrics.create_app(m, readiness, settings.metrics_path)
+                binds = await app.nursery.start(
+                    serve.serve_app, metrics_app, cfg, sockets, trio.sleep_forever
+                )
+                log.info("metrics listening", extra={"addresses": binds, "path": settings.metrics_path})
+        except (serve.StartupError, sts.StsSetupError) as exc:
+            _startup_failed(exc)
         readiness.listening()
 
     @app.after_serving
