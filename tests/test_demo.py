@@ -63,3 +63,18 @@ def test_demo_verifies_a_request_and_exits_0_on_ctrl_c() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_demo_checks_the_proxy_flags_before_starting_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aws_outbound_jwt_proxy", "demo", "--token-signing-algorithm", "HS256"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=base_env(),
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "aws-outbound-jwt-proxy demo: error: --token-signing-algorithm: must be RS256 or ES384, got 'HS256'\n"
+    )
+    assert result.stdout == ""
