@@ -459,3 +459,53 @@ def test_metric_names_in_docs_and_deploy_exist(exported_metric_names: set[str]) 
         if not ok:
             missing[name] = sorted(where)
     assert not missing, f"not exported by the proxy: {missing}"
+
+
+# ---- container image ---------------------------------------------------------------------
+
+
+def locked_pins() -> dict[str, tuple[str, int]]:
+    """requirements.lock as {normalized name: (version, number of hashes)}."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, tuple[str, int]] = {}
+    text = (ROOT / "requirements.lock").read_text()
+    for block in re.split(r"\n(?=\S)", text):
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        if m:
+            pins[canonicalize_name(m.group(1))] = (m.group(2), block.count("--hash=sha256:"))
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """requirements.lock is in sync with [project] dependencies (else: run scripts/lock)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = locked_pins()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} is not in requirements.lock: run scripts/lock"
+        version = pins[name][0]
+        assert req.specifier.contains(version, prereleases=True), f"{name}=={version} vs {dep}: scripts/lock"
+    assert "h2" in pins  # httpx[http2]
+    assert all(n_hashes > 0 for _, n_hashes in pins.values())
+
+
+def test_dockerfile_installs_the_lock_and_matches_the_deploy_files() -> None:
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in dockerfile
+    assert dockerfile.index("COPY requirements.lock") < dockerfile.index("COPY src")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert f"ARG VERSION={version}\n" in dockerfile, "the image's default VERSION label follows pyproject"
+    assert "\nUSER 65532:65532\n" in dockerfile
+    assert 'ENTRYPOINT ["aws-outbound-jwt-proxy"]' in dockerfile
+    (cmd,) = re.findall(r"^\s*CMD (\[.*\])$", dockerfile, re.M)
+    ecs_check = task_definition()["containerDefinitions"][0]["healthCheck"]["command"]
+    assert json.loads(cmd) == ecs_check[1:], "HEALTHCHECK and the ECS healthCheck run the same command"
