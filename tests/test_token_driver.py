@@ -80,10 +80,7 @@ class Rig:
         """``get()`` that must return without a checkpoint: a cache hit, or ``unavailable:<class>``."""
         with trio.CancelScope() as scope:
             scope.cancel()  # any checkpoint inside get() raises Cancelled
-            try:
-                return await self.sup.get(audiences)
-            except tokens.TokenUnavailable as exc:
-                return f"unavailable:{exc.error_class}"
+            return await self.request(audiences)
         raise AssertionError("get() awaited")
 
     async def settle(self) -> None:
@@ -91,6 +88,7 @@ class Rig:
         await trio.testing.wait_all_tasks_blocked()
 
     async def request(self, audiences: tuple[str, ...]) -> str:
+        """``get()``: the JWT, or ``unavailable:<class>``."""
         try:
             return await self.sup.get(audiences)
         except tokens.TokenUnavailable as exc:
@@ -101,6 +99,13 @@ class Rig:
             into.append(await self.request(audiences))
 
         nursery.start_soon(one)
+
+    async def miss(
+        self, nursery: trio.Nursery, audiences: tuple[str, ...], outcome: float | Exception
+    ) -> None:
+        """A request misses and STS answers the fetch it starts with ``outcome``."""
+        self.start_request(nursery, audiences, [])
+        await self.answer(audiences, outcome)
 
 
 @pytest.fixture
@@ -165,8 +170,7 @@ async def test_the_fetch_uses_the_policy(
 ) -> None:
     r = rig(token_signing_algorithm="ES384", token_duration=900, token_tags=(("team", "payments"),))
     async with r.running() as n:
-        r.start_request(n, A, [])
-        await r.answer(A, HOUR)
+        await r.miss(n, A, HOUR)
     assert r.sts.calls == [(A, "ES384", 900, (("team", "payments"),))]
 
 
@@ -201,8 +205,7 @@ async def test_refresh_starts_at_exp_minus_skew_and_the_old_token_serves_meanwhi
 ) -> None:
     r = rig(token_refresh_skew=60.0)
     async with r.running() as n:
-        r.start_request(n, A, [])
-        await r.answer(A, HOUR)
+        await r.miss(n, A, HOUR)
         t0 = now()
         await trio.sleep_until(t0 + HOUR - 63 - EPS)
         assert not r.fetching(A)
@@ -222,8 +225,7 @@ async def test_outage_shorter_than_the_token_fails_no_request(
     caplog.set_level(logging.DEBUG, logger="aws_outbound_jwt_proxy")
     r = rig(token_refresh_skew=60.0)
     async with r.running() as n:
-        r.start_request(n, A, [])
-        await r.answer(A, 100.0)
+        await r.miss(n, A, 100.0)
         t0 = now()
         await trio.sleep_until(t0 + 37 + EPS)
         for outcome, backoff in ((UNAVAILABLE, 0.5), (UNAVAILABLE, 1.0)):
@@ -251,8 +253,7 @@ async def test_no_valid_token_fails_fast_retries_1_2_4_5_s_then_recovers(
     caplog.set_level(logging.DEBUG, logger="aws_outbound_jwt_proxy")
     r = rig()
     async with r.running() as n:
-        r.start_request(n, A, [])
-        await r.answer(A, 2.0)
+        await r.miss(n, A, 2.0)
         first = await r.get_now(A)
         await trio.sleep(2)  # expired, and the refresh (at 1 s) is hanging
         assert r.fetching(A)
@@ -379,8 +380,7 @@ async def test_idle_set_is_dropped_and_not_refreshed_static_set_stays(
     r = rig(token_cache_idle_ttl=30.0, token_audiences=B, token_refresh_skew=1.0)
     async with r.running() as n:
         await r.answer(B, 100.0)
-        r.start_request(n, A, [])
-        await r.answer(A, 100.0)
+        await r.miss(n, A, 100.0)
         t0 = now()
         await trio.sleep_until(t0 + 20)
         assert (await r.get_now(A)).startswith("jwt:")  # used: idle from here
@@ -393,8 +393,7 @@ async def test_idle_set_is_dropped_and_not_refreshed_static_set_stays(
         assert r.fetching(B)
         await r.answer(B, 100.0)
         assert [c[0] for c in r.sts.calls].count(A) == 1  # the dropped set was not
-        r.start_request(n, A, [])  # asked again: fetched again
-        await r.answer(A, 100.0)
+        await r.miss(n, A, 100.0)  # asked again: fetched again
         assert [c[0] for c in r.sts.calls].count(A) == 2
 
 
@@ -404,11 +403,9 @@ async def test_max_entries_evicts_the_least_recently_used(
     r = rig(token_cache_max_entries=2)
     async with r.running() as n:
         for auds in (A, B):
-            r.start_request(n, auds, [])
-            await r.answer(auds, HOUR)
+            await r.miss(n, auds, HOUR)
         assert (await r.get_now(A)).startswith("jwt:")  # A is now more recently used than B
-        r.start_request(n, C, [])
-        await r.answer(C, HOUR)
+        await r.miss(n, C, HOUR)
         assert r.audiences() == [A[0], C[0]]
         assert max(r.rec.counts) <= 3 and r.rec.counts[-1] == 2
 
