@@ -8,11 +8,12 @@ import httpx
 
 from aws_outbound_jwt_proxy.config import settings as config
 from aws_outbound_jwt_proxy.proxy import upstream as forward
+from aws_outbound_jwt_proxy.routing.guard import Guard
 
 
 async def test_client_cookie_store_ignores_set_cookie() -> None:
     settings = config.load(["--upstream-host", "example.test"], {})
-    client = forward.build_client(settings, ssl.create_default_context())
+    client = forward.build_client(ssl.create_default_context(), Guard(()), settings.egress)
     try:
         assert isinstance(client.cookies, forward.NoClientCookies)
         request = httpx.Request("GET", "http://example.test/")

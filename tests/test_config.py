@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -202,13 +203,16 @@ def test_metrics_address_may_equal_listen_address_when_disabled() -> None:
 
 def test_the_table_fills_every_settings_field_once_with_its_type() -> None:
     targets = [field for row in config.PROXY_FLAGS for field in row.targets]
-    assert sorted(targets) == sorted(f.name for f in dataclasses.fields(config.Settings))
+    from_env = ["egress"]  # HTTP(S)_PROXY / NO_PROXY: the environment's, not flags
+    assert sorted(targets + from_env) == sorted(f.name for f in dataclasses.fields(config.Settings))
     assert len({row.name for row in config.PROXY_FLAGS}) == len(config.PROXY_FLAGS)
     defaults = config.load([], env={})
     hints = get_type_hints(config.Settings)
     for name, hint in hints.items():
         value: Any = getattr(defaults, name)
         origin = getattr(hint, "__origin__", hint)
+        if origin is tuple and value and name == "denied_upstream_cidrs":
+            assert all(isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network) for net in value)
         assert isinstance(value, origin), (name, value, hint)
 
 

@@ -421,7 +421,7 @@ async def test_head_and_expect_continue(upstream: Upstream) -> None:
     assert post.status_code == 200 and echoed(post)["body_size"] == 70_000
 
 
-async def test_proxy_environment_variables_are_ignored(
+async def test_httpx_never_reads_proxy_variables_itself(
     upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = f"http://127.0.0.1:{refused_port()}"

@@ -17,8 +17,10 @@ import os
 import re
 import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..routing.egress import EgressConfigError, EgressProxies
+from ..routing.guard import DEFAULT_DENIED_CIDRS, IPNetwork, parse_cidrs
 from ..routing.target import parse_authority
 from . import flags, values
 from .flags import ConfigError, Flag, ListFlag
@@ -146,6 +148,11 @@ def _ca_file(value: str) -> str:
     return path
 
 
+def _denied_cidrs(items: list[str]) -> tuple[IPNetwork, ...]:
+    # Repeatable, and each value may itself be a comma list (as in the env var); "" turns it off.
+    return parse_cidrs(part for value in items for part in value.split(","))
+
+
 def _file(value: str) -> str:
     path = value.strip()
     if path and not os.path.isfile(path):
@@ -244,11 +251,17 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         _allowed_hosts,
         "header/Host routing only: allowed targets (host, host:port, *.suffix); empty = any",
     ),
+    ListFlag(
+        "denied-upstream-cidrs",
+        ",".join(DEFAULT_DENIED_CIDRS),
+        _denied_cidrs,
+        "SSRF guard: ranges routed requests never reach; empty = off",
+    ),
     Flag(
         "upstream-ca-file",
         "",
         _ca_file,
-        "PEM bundle to verify upstream TLS (default: system/certifi roots)",
+        "PEM bundle that replaces the system trust store for upstream TLS",
     ),
     Flag(
         "shutdown-timeout",
@@ -286,6 +299,7 @@ class Settings:
     token_cache_max_entries: int
     token_cache_idle_ttl: float
     allowed_upstream_hosts: tuple[str, ...]
+    denied_upstream_cidrs: tuple[IPNetwork, ...]
     upstream_ca_file: str
     shutdown_timeout: float
     log_level: str
@@ -296,6 +310,8 @@ class Settings:
     metrics_host: str
     metrics_port: int
     metrics_path: str
+    # Not a flag: HTTP_PROXY / HTTPS_PROXY / NO_PROXY (either case), as Go reads them.
+    egress: EgressProxies = field(default_factory=EgressProxies)
 
     @property
     def pinned(self) -> bool:
@@ -383,6 +399,12 @@ def load(
         epilog=_epilog(commands),
         version=version,
     )
-    settings = Settings(**given.fields())
+    env = os.environ if env is None else env
+    try:
+        egress = EgressProxies.from_environ(env)
+    except EgressConfigError as exc:
+        variable, _, message = str(exc).partition(": ")
+        raise ConfigError(variable, message) from None
+    settings = Settings(**given.fields(), egress=egress)
     _check(settings, given)
     return settings

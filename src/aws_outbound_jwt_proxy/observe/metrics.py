@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from .. import __version__
 from ..proxy.exchange import TOKEN_OK, Exchange
 from ..proxy.exchange import NullObserver as NullRequestObserver
 from ..routing.target import DEFAULT_PORTS
@@ -265,6 +266,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.build_info = Gauge(
+            "aws_outbound_jwt_proxy_build_info",
+            "Always 1; the version label is the running release.",
+            ["version"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
+        self.upstream_denied = Counter(
+            "upstream_denied_count",
+            "Requests refused because their upstream is not allowed "
+            "(reason: allow_list, or denied_cidr for the SSRF deny list).",
+            ["reason"],
+            registry=reg,
+        )
         self.token_fetch = Counter(
             "token_fetch_count",
             "STS GetWebIdentityToken calls by audience set and result.",
@@ -367,6 +383,8 @@ class Metrics:
         upstream call's time, or the whole time for a token failure (upstream not called)."""
         ex = exchange
         self.request_finished(ex.method, ex.status, duration)
+        if ex.denied is not None:
+            self.upstream_denied.labels(ex.denied).inc()
         target, token_result = ex.target, ex.token_result
         if target is None or token_result is None:
             return  # not routed: no outbound call was attempted

@@ -169,6 +169,7 @@ class ProxyResponse(Response):
         self.error_type: str | None = None
         self.upstream_seconds: float | None = None
         self.client_gone = False
+        self.denied: str | None = None
 
 
 async def close_upstream(response: httpx.Response) -> None:

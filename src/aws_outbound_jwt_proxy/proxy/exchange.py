@@ -34,6 +34,7 @@ from ..routing.target import Target
 
 # Bodies of the answers the proxy gives itself (text/plain).
 BAD_TARGET = "invalid request target\n"
+NOT_ALLOWED = "upstream not allowed\n"
 TOKEN_UNAVAILABLE = "token unavailable\n"
 UPSTREAM_UNAVAILABLE = "upstream unavailable\n"
 UPSTREAM_TIMEOUT = "upstream timeout\n"
@@ -62,6 +63,7 @@ class Refusal:
     body: str
     target: Target | None = None
     token_result: str | None = None
+    denied: str | None = None  # DENIED_* when the target is not allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,15 @@ class UpstreamFailure:
     status: int
     body: str
     error_type: str
+
+
+# Why a target was refused with 403 (the ``reason`` label of the denial counter).
+DENIED_ALLOW_LIST = "allow_list"  # not in --allowed-upstream-hosts
+DENIED_CIDR = "denied_cidr"  # an address in --denied-upstream-cidrs (literal or resolved)
+
+
+class DeniedUpstream(Exception):
+    """Every address the target's name resolved to is in the deny list: nothing was connected."""
 
 
 class UpstreamTimeout(Exception):
@@ -126,11 +137,13 @@ class Exchange:
     upstream_seconds: float | None = None  # time to the upstream's response headers (or failure)
     complete: bool = False  # the whole response reached the server
     client_gone: bool = False
+    denied: str | None = None  # DENIED_* when the target was refused as not allowed
 
     def refused(self, refusal: Refusal) -> None:
         self.status = refusal.status
         self.target = refusal.target
         self.token_result = refusal.token_result
+        self.denied = refusal.denied
 
 
 class RequestObserver(Protocol):

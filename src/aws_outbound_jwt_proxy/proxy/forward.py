@@ -15,10 +15,22 @@ from typing import Any, Protocol
 import trio
 
 from ..config.settings import Settings
+from ..routing.guard import Guard
 from ..tokens.supervisor import TokenSource
 from . import headers as hdr
 from .body import ClientDisconnected, ProxyRequest, ProxyResponse, plain
-from .exchange import CLIENT_GONE, TOKEN_OK, Exchange, Refusal, RequestObserver, cause, classify
+from .exchange import (
+    CLIENT_GONE,
+    DENIED_CIDR,
+    NOT_ALLOWED,
+    TOKEN_OK,
+    DeniedUpstream,
+    Exchange,
+    Refusal,
+    RequestObserver,
+    cause,
+    classify,
+)
 from .plan import Planner
 from .upstream import Upstream
 
@@ -30,8 +42,9 @@ class Forwarder:
     """Per-app state; :meth:`handle` runs per request, :meth:`begin`/:meth:`finish` bracket it."""
 
     def __init__(self, settings: Settings, tokens: TokenSource, observer: RequestObserver) -> None:
-        self.planner = Planner(settings, tokens)
-        self.upstream = Upstream(settings)
+        guard = Guard(settings.denied_upstream_cidrs)
+        self.planner = Planner(settings, tokens, guard)
+        self.upstream = Upstream(settings, guard, settings.egress)
         self.observer = observer
 
     # ---- lifecycle (before_serving / after_serving) -----------------------
@@ -69,7 +82,9 @@ class Forwarder:
         plan = await self.planner.plan(scope)
         if isinstance(plan, Refusal):
             request.target, request.token_result = plan.target, plan.token_result
-            return plain(plan.status, plan.body)
+            response = plain(plan.status, plan.body)
+            response.denied = plan.denied
+            return response
         request.target, request.token_result = plan.target, TOKEN_OK
         started = trio.current_time()
         try:
@@ -77,6 +92,12 @@ class Forwarder:
         except ClientDisconnected:
             response = plain(CLIENT_GONE, "")
             response.client_gone = True
+        except DeniedUpstream:
+            log.warning(
+                "upstream address denied", extra={"target": plan.target.authority, "reason": DENIED_CIDR}
+            )
+            response = plain(403, NOT_ALLOWED)
+            response.denied = DENIED_CIDR
         except Exception as exc:
             failure = classify(exc)
             log.error("upstream request failed", extra={"target": plan.target.authority, "cause": cause(exc)})

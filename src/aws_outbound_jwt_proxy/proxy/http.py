@@ -72,6 +72,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
 
 
 def _record(ex: Exchange, response: ProxyResponse) -> None:
+    ex.denied = response.denied
     ex.error_type = response.error_type
     ex.upstream_seconds = response.upstream_seconds
     ex.client_gone = ex.client_gone or response.client_gone

@@ -9,17 +9,22 @@ to the upstream; the token source is the only thing awaited.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..config.settings import Settings
 from ..routing import audience
+from ..routing.guard import Guard
 from ..routing.router import RouteError, Router
 from ..routing.target import Target, parse_authority
 from ..tokens.supervisor import TokenSource, TokenUnavailable
 from . import headers as hdr
 from .exchange import (
     BAD_TARGET,
+    DENIED_ALLOW_LIST,
+    DENIED_CIDR,
+    NOT_ALLOWED,
     TOKEN_FETCH_ERROR,
     TOKEN_RESOLVER_ERROR,
     TOKEN_UNAVAILABLE,
@@ -27,6 +32,11 @@ from .exchange import (
 )
 
 log = logging.getLogger("aws_outbound_jwt_proxy.forward")
+
+CONNECT_NOT_SUPPORTED = (
+    "CONNECT is not supported: send plain http:// URLs through this proxy "
+    "(HTTP_PROXY=http://<this proxy>); it sends them upstream over --upstream-scheme\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +59,31 @@ def build_router(settings: Settings) -> Router:
     )
 
 
-def request_path(scope: Any) -> bytes | None:
-    """Raw path + query exactly as received, or None for a target we cannot forward."""
+_ABSOLUTE = re.compile(rb"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.S)
+
+
+def request_target(scope: Any) -> tuple[bytes, tuple[str, str] | None] | None:
+    """(path + query to send upstream, (scheme, authority) of an absolute-form target or None).
+
+    Path and query go out byte for byte as received; a ``#fragment`` (never meant
+    for the server) is cut. None for a target we cannot forward.
+    """
     raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-    if not raw.startswith(b"/") and raw != b"*":
-        return None
     query: bytes = scope["query_string"]
-    return raw + b"?" + query if query else raw
+    if b"#" in raw:
+        raw, query = raw.partition(b"#")[0], b""
+    elif b"#" in query:
+        query = query.partition(b"#")[0]
+    absolute: tuple[str, str] | None = None
+    if not raw.startswith(b"/") and raw != b"*":
+        match = _ABSOLUTE.match(raw)
+        if match is None or match.group(1).lower() not in (b"http", b"https"):
+            return None
+        absolute = (match.group(1).decode("ascii").lower(), match.group(2).decode("latin-1"))
+        raw = match.group(3) or b"/"
+        if not raw.startswith(b"/"):
+            return None
+    return (raw + b"?" + query if query else raw), absolute
 
 
 def server_address(scope: Any) -> tuple[str, int] | None:
@@ -76,8 +104,11 @@ def client_ip(scope: Any) -> bytes | None:
 class Planner:
     """Built once per app from the settings and the token source; :meth:`plan` runs per request."""
 
-    def __init__(self, settings: Settings, tokens: TokenSource) -> None:
+    def __init__(self, settings: Settings, tokens: TokenSource, guard: Guard) -> None:
         self.router = build_router(settings)
+        # The pinned --upstream-host is the operator's choice: the guard applies to routed targets.
+        self.guard = guard
+        self.guard_literals = guard.active and not settings.pinned
         self.resolver = audience.Resolver(settings.token_audiences)
         self.tokens = tokens
         header = settings.host_header.lower().encode("latin-1")
@@ -85,13 +116,19 @@ class Planner:
         self.drop: bytes | None = None if settings.pinned or header == b"host" else header
 
     async def plan(self, scope: Any, *, websocket: bool = False) -> Plan | Refusal:
-        path = request_path(scope)
-        if path is None:
+        if scope.get("method") == "CONNECT":
+            return Refusal(405, CONNECT_NOT_SUPPORTED)
+        request = request_target(scope)
+        if request is None:
             return Refusal(400, BAD_TARGET)
+        path, absolute = request
         try:
-            target = self.router.resolve(scope["headers"], server_address(scope))
+            target = self.router.resolve(scope["headers"], server_address(scope), absolute=absolute)
         except RouteError as err:
-            return Refusal(err.status, err.body)
+            return Refusal(err.status, err.body, denied=DENIED_ALLOW_LIST if err.status == 403 else None)
+        if self.guard_literals and self.guard.denied_literal(target.host):
+            log.warning("upstream address denied", extra={"target": target.authority, "reason": DENIED_CIDR})
+            return Refusal(403, NOT_ALLOWED, target, denied=DENIED_CIDR)
         try:
             audiences = self.resolver.for_target(target)
         except Exception as exc:

@@ -1,11 +1,19 @@
 """The upstream side: one shared httpx client, and sending a planned request through it.
 
 :class:`Upstream` owns the client (opened in ``before_serving``, closed in
-``after_serving``). :meth:`Upstream.send` sends a :class:`~.plan.Plan` with
-the request body streamed and the path and query byte for byte, and returns
-the response as soon as its headers arrive (the body is streamed later). It
-raises whatever the lower layers raise, plus :class:`~.exchange.UpstreamTimeout`
-when no headers came within --upstream-timeout; callers map errors with
+``after_serving``). Its transport sends each request either directly (through
+the SSRF guard's dialer, :class:`~.dial.GuardedBackend`) or through the egress
+proxy the environment names for that target (``HTTPS_PROXY``: a CONNECT
+tunnel with TLS to the upstream inside; ``HTTP_PROXY``: absolute-form), with
+Go's ``ProxyFromEnvironment`` rules (:mod:`..routing.egress`). TLS trusts the
+operating system's store (``truststore``) unless --upstream-ca-file replaces it.
+
+:meth:`Upstream.send` sends a :class:`~.plan.Plan` with the request body
+streamed and the path and query byte for byte, and returns the response as
+soon as its headers arrive (the body is streamed later). It raises whatever
+the lower layers raise, plus :class:`~.exchange.UpstreamTimeout` when no
+headers came within --upstream-timeout, and :class:`~.exchange.DeniedUpstream`
+when the guard refused every address; callers map errors with
 :func:`~.exchange.classify`.
 """
 
@@ -15,13 +23,17 @@ import ssl
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
-import certifi
+import httpcore
 import httpx
 import trio
+import truststore
 
 from ..config.settings import Settings
+from ..routing.egress import EgressProxies
+from ..routing.guard import Guard
 from ..routing.target import Target
 from .body import RequestBody
+from .dial import GuardedBackend, TunnelBackend
 from .exchange import UpstreamTimeout
 from .plan import Plan
 
@@ -33,11 +45,14 @@ MAX_KEEPALIVE = 256
 KEEPALIVE_EXPIRY = 60.0
 _NO_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
 _URL_CACHE_MAX = 1024
+_TUNNEL = "tunnel:"  # egress_proxy extension prefix: a CONNECT tunnel through that proxy
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext:
-    """Upstream TLS verification: --upstream-ca-file when set, else certifi's roots. Built once."""
-    return ssl.create_default_context(cafile=settings.upstream_ca_file or certifi.where())
+    """Upstream TLS verification: --upstream-ca-file when set, else the system trust store. Built once."""
+    if settings.upstream_ca_file:
+        return ssl.create_default_context(cafile=settings.upstream_ca_file)
+    return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 class NoCookies(CookieJar):
@@ -62,8 +77,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
     httpcore's pool walks (and polls) every connection it holds on each
     request and response close, so its cost per request grows with the number
-    of connections. Splitting one big pool into small shards keeps
-    that walk short under concurrency.
+    of connections. Splitting one big pool into small shards keeps that walk
+    short under concurrency.
     """
 
     def __init__(self, shards: list[httpx.AsyncHTTPTransport]) -> None:
@@ -79,20 +94,80 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await shard.aclose()
 
 
-def build_client(settings: Settings, tls: ssl.SSLContext) -> httpx.AsyncClient:
-    """The one shared upstream client with every httpx default that is wrong for a proxy off."""
+class EgressTransport(httpx.AsyncBaseTransport):
+    """Direct, or through the egress proxy named in the request's ``egress_proxy`` extension."""
+
+    def __init__(
+        self, direct: httpx.AsyncBaseTransport, proxied: dict[str, httpx.AsyncBaseTransport]
+    ) -> None:
+        self._direct = direct
+        self._proxied = proxied
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = request.extensions.get("egress_proxy")
+        transport = self._direct if proxy is None else self._proxied[proxy]
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in (self._direct, *self._proxied.values()):
+            await transport.aclose()
+
+
+def _egress_proxy(url: str, tls: ssl.SSLContext) -> httpx.Proxy:
+    """An HTTP_PROXY for absolute-form requests; an https:// proxy is verified like an upstream."""
+    return httpx.Proxy(url, ssl_context=tls if url.startswith("https://") else None)
+
+
+def _transport(
+    tls: ssl.SSLContext,
+    limits: httpx.Limits,
+    backend: httpcore.AsyncNetworkBackend | None = None,
+    proxy: str | None = None,
+) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(
+        verify=tls,
+        http1=True,
+        http2=True,
+        trust_env=False,
+        limits=limits,
+        # An https:// proxy is verified like an upstream.
+        proxy=httpx.Proxy(proxy, ssl_context=tls if proxy.startswith("https://") else None)
+        if proxy
+        else None,
+    )
+    if backend is not None:
+        # httpx 0.28 takes no network backend, its pool does (why httpx is pinned below 0.29).
+        transport._pool._network_backend = backend
+    return transport
+
+
+def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> httpx.AsyncClient:
+    """The one shared upstream client with every httpx default that is wrong for a proxy off.
+
+    ``guard`` checks every address a direct connection goes to; egress proxies are exempt.
+    """
     limits = httpx.Limits(
         max_connections=MAX_CONNECTIONS // SHARDS,
         max_keepalive_connections=MAX_KEEPALIVE // SHARDS,
         keepalive_expiry=KEEPALIVE_EXPIRY,
     )
-    shards = [
-        httpx.AsyncHTTPTransport(verify=tls, http1=True, http2=True, trust_env=False, limits=limits)
-        for _ in range(SHARDS)
-    ]
+    guarded = GuardedBackend(guard) if guard.active else None
+    direct = ShardedTransport([_transport(tls, limits, guarded) for _ in range(SHARDS)])
+    proxy_limits = httpx.Limits(
+        max_connections=MAX_CONNECTIONS,
+        max_keepalive_connections=MAX_KEEPALIVE,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
+    # http:// upstreams: absolute-form requests to HTTP_PROXY (httpx's proxy support);
+    # https:// upstreams: CONNECT tunnels to HTTPS_PROXY, opened below httpcore.
+    proxied: dict[str, httpx.AsyncBaseTransport] = {}
+    if egress.http:
+        proxied[egress.http] = _transport(tls, proxy_limits, proxy=egress.http)
+    if egress.https:
+        proxied[_TUNNEL + egress.https] = _transport(tls, proxy_limits, TunnelBackend(egress.https, tls))
     client = httpx.AsyncClient(
-        transport=ShardedTransport(shards),
-        trust_env=False,
+        transport=EgressTransport(direct, proxied),
+        trust_env=False,  # proxies come from EgressProxies (Go's rules), never .netrc or SSL_CERT_*
         follow_redirects=False,
         cookies=NoCookies(),
         timeout=httpx.Timeout(None),
@@ -107,40 +182,55 @@ def build_client(settings: Settings, tls: ssl.SSLContext) -> httpx.AsyncClient:
 class Upstream:
     """The shared client and the per-request send; built once per app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, guard: Guard, egress: EgressProxies) -> None:
         self.settings = settings
+        self.guard = guard
+        # The pinned --upstream-host is the operator's choice: the guard covers routed targets only.
+        self.direct_guard = Guard(()) if settings.pinned else guard
+        self.egress = egress
         self.timeout = settings.upstream_timeout
         self.tls = ssl_context(settings)
         self.client: httpx.AsyncClient | None = None
-        self._urls: dict[str, httpx.URL] = {}
+        self._routes: dict[str, tuple[httpx.URL, str | None]] = {}
 
     def open(self) -> None:
-        self.client = build_client(self.settings, self.tls)
+        self.client = build_client(self.tls, self.direct_guard, self.egress)
 
     async def close(self) -> None:
         if self.client is not None:
             client, self.client = self.client, None
             await client.aclose()
 
-    def url(self, target: Target) -> httpx.URL:
-        url = self._urls.get(target.authority)
-        if url is None:
-            if len(self._urls) >= _URL_CACHE_MAX:
-                self._urls.clear()
-            url = self._urls[target.authority] = httpx.URL(target.base_url + "/")
-        return url
+    def route(self, target: Target) -> tuple[httpx.URL, str | None]:
+        """The target's base URL and the egress proxy to use for it (None: direct). Cached."""
+        route = self._routes.get(target.authority)
+        if route is None:
+            if len(self._routes) >= _URL_CACHE_MAX:
+                self._routes.clear()
+            url = httpx.URL(target.base_url + "/")
+            proxy = self.egress.proxy_for(target)
+            if proxy is not None and target.scheme == "https":
+                proxy = _TUNNEL + proxy
+            route = self._routes[target.authority] = (url, proxy)
+        return route
 
     async def send(self, method: str, plan: Plan, body: RequestBody) -> httpx.Response:
         """The upstream's response, headers read, body not yet. May raise ``ClientDisconnected``."""
         assert self.client is not None, "Upstream.open() runs in before_serving"
         started = trio.current_time()
         has_body = await body.present()
+        url, proxy = self.route(plan.target)
+        path = plan.path
+        if proxy is not None and not proxy.startswith(_TUNNEL):
+            # To an HTTP proxy the request line carries the absolute URL; httpcore puts the
+            # ``target`` extension on the proxy's request line as it is, so it must be absolute.
+            path = plan.target.base_url.encode("ascii") + path
         request = httpx.Request(
             method,
-            self.url(plan.target),
+            url,
             headers=plan.headers,
             content=body if has_body else None,
-            extensions={"target": plan.path, "timeout": _NO_TIMEOUTS},
+            extensions={"target": path, "timeout": _NO_TIMEOUTS, "egress_proxy": proxy},
         )
         # Deadline for the response headers: covers pool wait + connect + headers, is
         # lifted while the request body streams, and restarts when the body ends.

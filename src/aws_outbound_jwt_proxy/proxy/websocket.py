@@ -13,6 +13,7 @@ session's lifecycle and is the only writer of its Exchange.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, cast
 
 import trio
@@ -20,7 +21,17 @@ import trio_websocket
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from . import headers as hdr
-from .exchange import TOKEN_OK, Exchange, Refusal, cause, classify
+from .dial import open_upstream, open_websocket
+from .exchange import (
+    DENIED_CIDR,
+    NOT_ALLOWED,
+    TOKEN_OK,
+    DeniedUpstream,
+    Exchange,
+    Refusal,
+    cause,
+    classify,
+)
 from .forward import Forwarder, ForwardingApp
 from .plan import Plan
 
@@ -104,19 +115,20 @@ async def _session(
     send: ASGISendCallable,
     ex: Exchange,
 ) -> None:
-    target = plan.target
+    target, upstream = plan.target, fwd.upstream
+    proxy = upstream.egress.proxy_for(target)  # always a CONNECT tunnel for websockets
+    connect = partial(open_upstream, target, guard=upstream.direct_guard, proxy=proxy, tls=upstream.tls)
     started = trio.current_time()
     try:
-        async with trio_websocket.open_websocket(
-            target.host.strip("[]"),
-            target.effective_port,
+        async with open_websocket(
+            connect,
+            target.authority,
             plan.path.decode("latin-1"),
-            use_ssl=fwd.upstream.tls if target.scheme == "https" else False,
             subprotocols=scope.get("subprotocols") or None,
             extra_headers=plan.headers,
             message_queue_size=QUEUE,
             max_message_size=MAX_MESSAGE,
-            connect_timeout=fwd.upstream.timeout,
+            connect_timeout=upstream.timeout,
             disconnect_timeout=CLOSE_TIMEOUT,
         ) as conn:
             ex.upstream_seconds = trio.current_time() - started
@@ -138,6 +150,11 @@ async def _session(
         if ex.status == 0:
             ex.status = rej.status_code
             await reject(scope, send, rej.status_code, rej.body or b"")
+    except DeniedUpstream:
+        ex.upstream_seconds = trio.current_time() - started
+        ex.denied, ex.status = DENIED_CIDR, 403
+        log.warning("upstream address denied", extra={"target": target.authority, "reason": DENIED_CIDR})
+        await reject(scope, send, 403, NOT_ALLOWED.encode())
     except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
         ex.upstream_seconds = trio.current_time() - started
         failure = classify(exc)

@@ -97,11 +97,47 @@ class Router:
         self.missing_body = f"no upstream: set --upstream-host or send the header {header}\n"
 
     def resolve(
-        self, headers: Iterable[tuple[bytes, bytes]], server: tuple[str, int] | None = None
+        self,
+        headers: Iterable[tuple[bytes, bytes]],
+        server: tuple[str, int] | None = None,
+        *,
+        absolute: tuple[str, str] | None = None,
     ) -> Target:
-        """``server`` is the proxy address the client connected to (ASGI ``scope["server"]``)."""
+        """The request's upstream, or :class:`RouteError`.
+
+        ``server`` is the proxy address the client connected to (ASGI ``scope["server"]``).
+        ``absolute`` is ``(scheme, authority)`` of an absolute-form request target
+        (``GET http://api.example.com/x``, a client using us as its HTTP proxy): it
+        names the upstream, and a routing header, if sent too, must name the same one.
+        A port that is the URL scheme's default is dropped, so ``http://api:80`` goes to
+        ``--upstream-scheme``'s default port like ``http://api``.
+        """
         if self.pinned is not None:
             return self.pinned
+        value = self._header_value(headers)
+        if absolute is not None:
+            url_scheme, authority = absolute
+            try:
+                target = self._without_default_port(parse_authority(url_scheme, authority))
+            except ValueError as exc:
+                raise RouteError(400, f"invalid request target: {exc}\n") from None
+            if value is not None and not self._same(target, url_scheme, value):
+                raise RouteError(400, f"the {self.header_label} header names another upstream than the URL\n")
+        else:
+            if value is None:
+                raise RouteError(400, self.missing_body)
+            try:
+                target = parse_authority(self.scheme, value.decode("latin-1"))
+            except ValueError as exc:
+                raise RouteError(400, f"invalid {self.header_label} header: {exc}\n") from None
+        if not host_allowed(target, self.allowed):
+            raise RouteError(403, "upstream not allowed\n")
+        if server is not None and is_self(target, server):
+            raise RouteError(508, "loop detected: the upstream is this proxy\n")
+        return target
+
+    def _header_value(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+        """The routing header's value (None when absent or blank); 400 when sent twice, differently."""
         wanted = self.header
         value: bytes | None = None
         for name, val in headers:
@@ -110,13 +146,18 @@ class Router:
                     raise RouteError(400, f"conflicting {self.header_label} headers\n")
                 value = val
         if value is None or value.strip() == b"":
-            raise RouteError(400, self.missing_body)
+            return None
+        return value
+
+    def _without_default_port(self, url_target: Target) -> Target:
+        """A target parsed under the URL's scheme, re-expressed for ``self.scheme``."""
+        port = None if url_target.default_port else url_target.port
+        authority = url_target.host if port is None else f"{url_target.host}:{port}"
+        return Target(scheme=self.scheme, host=url_target.host, port=port, authority=authority)
+
+    def _same(self, target: Target, url_scheme: str, value: bytes) -> bool:
         try:
-            target = parse_authority(self.scheme, value.decode("latin-1"))
-        except ValueError as exc:
-            raise RouteError(400, f"invalid {self.header_label} header: {exc}\n") from None
-        if not host_allowed(target, self.allowed):
-            raise RouteError(403, "upstream not allowed\n")
-        if server is not None and is_self(target, server):
-            raise RouteError(508, "loop detected: the upstream is this proxy\n")
-        return target
+            other = self._without_default_port(parse_authority(url_scheme, value.decode("latin-1")))
+        except ValueError:
+            return False
+        return (other.host.rstrip("."), other.port) == (target.host.rstrip("."), target.port)

@@ -20,10 +20,12 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .. import __version__
 from ..config import flags
 from ..config.settings import Settings
 from ..observe import health, logs, metrics
 from ..proxy.app import create_app
+from ..routing.egress import redact
 from ..tokens import sts
 from ..tokens import supervisor as tokens
 from . import patches
@@ -160,19 +162,25 @@ async def run(
 
             binds = await root.start(proxy)
             readiness.listening()
-            log.info(
-                "proxy listening",
-                extra={
-                    "addresses": binds,
-                    "mode": "pinned" if settings.pinned else f"header {settings.host_header}",
-                    "audience": "static" if settings.token_audiences else "dynamic",
-                },
-            )
+            log.info("proxy listening", extra={"addresses": binds, **startup_fields(settings)})
             if not settings.pinned and not settings.allowed_upstream_hosts:
                 log.warning("no --allowed-upstream-hosts: any client can have tokens minted for any host")
             task_status.started(binds)
     finally:
         m.close()
+
+
+def startup_fields(settings: Settings) -> dict[str, object]:
+    """What the start-up line tells an operator: version, routing, egress (no credentials)."""
+    egress = settings.egress
+    return {
+        "version": __version__,
+        "mode": "pinned" if settings.pinned else f"header {settings.host_header}",
+        "audience": "static" if settings.token_audiences else "dynamic",
+        "egress_http_proxy": redact(egress.http) if egress.http and not egress.no_proxy_all else "",
+        "egress_https_proxy": redact(egress.https) if egress.https and not egress.no_proxy_all else "",
+        "denied_upstream_cidrs": [str(n) for n in settings.denied_upstream_cidrs],
+    }
 
 
 def main(settings: Settings) -> int:
