@@ -242,6 +242,8 @@ def test_shared_proxy_is_bounded_scaled_and_fenced() -> None:
     env = container_env("shared", c)
     assert "UPSTREAM_HOST" not in env
     assert env["ALLOWED_UPSTREAM_HOSTS"].strip()
+    # the SSRF guard, when set explicitly, still covers link-local (instance metadata)
+    assert "169.254.0.0/16" in env.get("DENIED_UPSTREAM_CIDRS", "169.254.0.0/16").split(",")
     assert template["spec"]["topologySpreadConstraints"]
 
     def selects(selector: dict[str, Any]) -> bool:
