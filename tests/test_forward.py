@@ -419,6 +419,8 @@ async def test_head_and_expect_continue(upstream: Upstream) -> None:
     assert head.status_code == 200 and head.content == b""
     assert upstream.state.requests[0]["method"] == "HEAD"
     assert post.status_code == 200 and echoed(post)["body_size"] == 70_000
+    # answered once, here: the expectation is not forwarded as well
+    assert "expect" not in [name for name, _ in echoed(post)["headers"]]
 
 
 async def test_httpx_never_reads_proxy_variables_itself(

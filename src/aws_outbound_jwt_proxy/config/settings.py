@@ -264,6 +264,19 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         "PEM bundle that replaces the system trust store for upstream TLS",
     ),
     Flag(
+        "read-header-timeout",
+        "10s",
+        values.duration(above=0),
+        "close a connection that has not sent complete request headers this long after it opened "
+        "or after its previous response",
+    ),
+    Flag(
+        "request-body-timeout",
+        "60s",
+        values.duration(above=0),
+        "abort a request whose body sends no byte for this long (408)",
+    ),
+    Flag(
         "shutdown-timeout",
         "10s",
         values.duration(at_least=0),
@@ -301,6 +314,8 @@ class Settings:
     allowed_upstream_hosts: tuple[str, ...]
     denied_upstream_cidrs: tuple[IPNetwork, ...]
     upstream_ca_file: str
+    read_header_timeout: float
+    request_body_timeout: float
     shutdown_timeout: float
     log_level: str
     log_format: str

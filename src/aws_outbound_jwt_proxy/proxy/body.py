@@ -36,6 +36,10 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being read."""
 
 
+class ClientBodyTimeout(Exception):
+    """The client sent no request body byte for --request-body-timeout."""
+
+
 class RequestBody(TrioBody):
     """A request body read from ``receive()`` on demand (async-iterate it exactly once).
 
@@ -51,11 +55,17 @@ class RequestBody(TrioBody):
         self._done = False
         self._timer: trio.CancelScope | None = None
         self._timeout = math.inf
+        self._idle_timeout = math.inf
         self.finished = trio.Event()
 
-    def attach(self, receive: ASGIReceiveCallable, scope: Any) -> None:
-        """Bind to the connection; decide from the headers whether a body follows."""
+    def attach(self, receive: ASGIReceiveCallable, scope: Any, idle_timeout: float = math.inf) -> None:
+        """Bind to the connection; decide from the headers whether a body follows.
+
+        While the body streams, a gap of ``idle_timeout`` between two messages raises
+        :class:`ClientBodyTimeout` (so a stalled upload frees its upstream connection).
+        """
         self._receive = receive
+        self._idle_timeout = idle_timeout
         length = hdr.value(scope["headers"], b"content-length")
         if length is not None:
             self._present = length.strip() not in (b"0", b"")
@@ -105,7 +115,10 @@ class RequestBody(TrioBody):
             data, self._first = self._first, b""
             return data
         while not self._done:
-            msg: Any = await self.receive()
+            with trio.move_on_after(self._idle_timeout) as idle:
+                msg: Any = await self.receive()
+            if idle.cancelled_caught:
+                raise ClientBodyTimeout()
             if msg["type"] == "http.request":
                 if not msg.get("more_body", False):
                     self._finish()

@@ -35,6 +35,7 @@ from ..routing.target import Target
 # Bodies of the answers the proxy gives itself (text/plain).
 BAD_TARGET = "invalid request target\n"
 NOT_ALLOWED = "upstream not allowed\n"
+REQUEST_BODY_TIMEOUT = "request body timeout\n"
 TOKEN_UNAVAILABLE = "token unavailable\n"
 UPSTREAM_UNAVAILABLE = "upstream unavailable\n"
 UPSTREAM_TIMEOUT = "upstream timeout\n"

@@ -18,11 +18,12 @@ from ..config.settings import Settings
 from ..routing.guard import Guard
 from ..tokens.supervisor import TokenSource
 from . import headers as hdr
-from .body import ClientDisconnected, ProxyRequest, ProxyResponse, plain
+from .body import ClientBodyTimeout, ClientDisconnected, ProxyRequest, ProxyResponse, plain
 from .exchange import (
     CLIENT_GONE,
     DENIED_CIDR,
     NOT_ALLOWED,
+    REQUEST_BODY_TIMEOUT,
     TOKEN_OK,
     DeniedUpstream,
     Exchange,
@@ -46,6 +47,7 @@ class Forwarder:
         self.planner = Planner(settings, tokens, guard)
         self.upstream = Upstream(settings, guard, settings.egress)
         self.observer = observer
+        self.body_timeout = settings.request_body_timeout
 
     # ---- lifecycle (before_serving / after_serving) -----------------------
 
@@ -73,6 +75,8 @@ class Forwarder:
                 "target": ex.target.authority if ex.target is not None else "",
                 "status": ex.status,
                 "duration_ms": round(duration * 1000, 3),
+                # False when the response was cut (upstream failed mid-body, shutdown, client left).
+                "complete": ex.complete,
             },
         )
         self.observer.finished(ex, duration)
@@ -92,6 +96,9 @@ class Forwarder:
         except ClientDisconnected:
             response = plain(CLIENT_GONE, "")
             response.client_gone = True
+        except ClientBodyTimeout:
+            log.warning("request body timed out", extra={"target": plan.target.authority})
+            response = plain(408, REQUEST_BODY_TIMEOUT)
         except DeniedUpstream:
             log.warning(
                 "upstream address denied", extra={"target": plan.target.authority, "reason": DENIED_CIDR}

@@ -26,6 +26,9 @@ WEBSOCKET_OWN = frozenset(
 )
 
 XFF = b"x-forwarded-for"
+# ``Expect: 100-continue`` is answered by the proxy's own server as soon as the body is read;
+# forwarding it too would ask for a second interim response the client never waits for.
+EXPECT = b"expect"
 
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -56,11 +59,11 @@ def outbound(
 ) -> tuple[Headers, bool]:
     """Client request headers → upstream request headers.
 
-    Hop-by-hop headers, ``Host``, any inbound ``Authorization`` and the routing
-    header ``drop`` (lower-case) are removed; ``Host: authority`` goes first,
-    ``Authorization: Bearer`` last. ``X-Forwarded-For`` keeps its place with the
-    client IP appended to the existing list (several headers are merged into
-    one). ``websocket=True`` also drops what the websocket client writes itself
+    Hop-by-hop headers, ``Host``, ``Expect`` (answered here), any inbound
+    ``Authorization`` and the routing header ``drop`` (lower-case) are removed;
+    ``Host: authority`` goes first, ``Authorization: Bearer`` last.
+    ``X-Forwarded-For`` keeps its place with the client IP appended to the
+    existing list (several headers are merged into one). ``websocket=True`` also drops what the websocket client writes itself
     (Host, Sec-WebSocket-*), so Host is not added.
 
     A ``Content-Length`` sent together with ``Transfer-Encoding`` is dropped
@@ -77,7 +80,7 @@ def outbound(
     chunked = False
     for name, value in headers:
         lower = name.lower()
-        if lower == b"host" or lower == drop or is_hop_by_hop(lower, named):
+        if lower == b"host" or lower == drop or lower == EXPECT or is_hop_by_hop(lower, named):
             chunked = chunked or lower == b"transfer-encoding"
             continue
         if lower == b"authorization":

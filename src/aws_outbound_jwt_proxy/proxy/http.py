@@ -37,7 +37,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
         response: Any = None
         try:
             request = cast(ProxyRequest, self._create_request_from_scope(send))
-            request.body.attach(receive, self.scope)
+            request.body.attach(receive, self.scope, forwarder.body_timeout)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, request.body, nursery.cancel_scope, ex)
                 response = await self.app.handle_request(request)
@@ -58,8 +58,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
     async def _send(self, send: ASGISendCallable, response: Any, ex: Exchange) -> None:
         ex.status = response.status_code
         if not isinstance(response, ProxyResponse):  # Quart made it (error handler, hook)
-            await _send_quart_response(send, response)
-            ex.complete = True
+            await _send_quart_response(send, response, ex)
             return
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
@@ -67,8 +66,8 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
         if response.upstream is not None:
             await _relay(response.upstream, send, ex)
         else:
+            ex.complete = True  # before the last send: see _watch_disconnect
             await send({"type": "http.response.body", "body": response.payload, "more_body": False})
-            ex.complete = True
 
 
 def _record(ex: Exchange, response: ProxyResponse) -> None:
@@ -79,13 +78,20 @@ def _record(ex: Exchange, response: ProxyResponse) -> None:
 
 
 async def _watch_disconnect(body: RequestBody, scope: trio.CancelScope, ex: Exchange) -> None:
+    """Cancel the request when the client leaves before the whole response was handed over.
+
+    hypercorn also reports ``http.disconnect`` while it finishes a complete response
+    (from inside the last ``send``, where it restarts the connection's keep-alive
+    timer); cancelling then would cancel that restart and leave the connection with
+    no idle timeout at all. So a disconnect after the last send began is ignored.
+    """
     await body.finished.wait()
     while True:
         msg = await body.receive()
         if msg["type"] == "http.disconnect":
             if not ex.complete:
                 ex.client_gone = True
-            scope.cancel()
+                scope.cancel()
             return
 
 
@@ -107,11 +113,11 @@ async def _relay(response: httpx.Response, send: ASGISendCallable, ex: Exchange)
         return
     finally:
         await close_upstream(response)
+    ex.complete = True  # before the last send: see _watch_disconnect
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-    ex.complete = True
 
 
-async def _send_quart_response(send: ASGISendCallable, response: Any) -> None:
+async def _send_quart_response(send: ASGISendCallable, response: Any, ex: Exchange) -> None:
     """Quart's own responses (error handlers, hooks), sent without RESPONSE_TIMEOUT."""
     await send(
         {
@@ -124,4 +130,5 @@ async def _send_quart_response(send: ASGISendCallable, response: Any) -> None:
         async for data in body:
             chunk = data.encode() if isinstance(data, str) else data
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    ex.complete = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -100,9 +100,10 @@ class ProxyWebsocketConnection:
             if isinstance(plan, Refusal):
                 ex.refused(plan)
                 await reject(self.scope, send, plan.status, plan.body.encode())
-                return
-            ex.target, ex.token_result = plan.target, TOKEN_OK
-            await _session(forwarder, plan, self.scope, receive, send, ex)
+            else:
+                ex.target, ex.token_result = plan.target, TOKEN_OK
+                await _session(forwarder, plan, self.scope, receive, send, ex)
+            ex.complete = True  # not reached when the session was cut (shutdown, cancellation)
         finally:
             forwarder.finish(ex)
 

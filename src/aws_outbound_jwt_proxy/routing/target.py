@@ -60,6 +60,8 @@ def parse_authority(scheme: str, value: str) -> Target:
             raise ValueError("unterminated IPv6 literal")
         literal = value[1:end]
         rest = value[end + 1 :]
+        if "%" in literal:
+            raise ValueError("IPv6 zone ids are not allowed")
         try:
             ipaddress.IPv6Address(literal)
         except ValueError:

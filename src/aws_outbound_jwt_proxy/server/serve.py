@@ -46,8 +46,17 @@ def hypercorn_config(
     certfile: str = "",
     keyfile: str = "",
     graceful_timeout: float = 10.0,
+    read_header_timeout: float = 10.0,
 ) -> HyperConfig:
-    """hypercorn settings for a proxy: no request cap per connection, no own headers."""
+    """hypercorn settings for a proxy: no request cap per connection, no own headers.
+
+    ``read_header_timeout``: a connection must complete its request headers this long
+    after it opened or after its previous response, else it is closed. hypercorn's
+    keep-alive timer is exactly that: it runs while the connection has no request in
+    progress and stops only when the headers are complete (dribbled bytes do not stop
+    it), so an idle keep-alive connection is closed after it too, as Go does when no
+    separate idle timeout is set.
+    """
     cfg = HyperConfig()
     cfg.bind = [flags.bind_string(host, port)]
     if certfile:
@@ -57,7 +66,7 @@ def hypercorn_config(
     cfg.graceful_timeout = graceful_timeout
     # hypercorn closes connections after 1,000 requests by default; a proxy must not.
     cfg.keep_alive_max_requests = sys.maxsize
-    cfg.keep_alive_timeout = 75
+    cfg.keep_alive_timeout = read_header_timeout
     # The upstream's Server/Date pass through; don't add a second copy.
     cfg.include_server_header = False
     cfg.include_date_header = False
@@ -126,12 +135,15 @@ async def run(
         certfile=settings.tls_cert,
         keyfile=settings.tls_key,
         graceful_timeout=settings.shutdown_timeout,
+        read_header_timeout=settings.read_header_timeout,
     )
     # Bind everything first: a port in use stops start-up before anything runs.
     proxy_sockets = bind(proxy_cfg, "--listen-addr")
     m: metrics.Metrics | metrics.NullMetrics = metrics.NullMetrics()
     if settings.metrics_enabled:
-        metrics_cfg = hypercorn_config(settings.metrics_host, settings.metrics_port)
+        metrics_cfg = hypercorn_config(
+            settings.metrics_host, settings.metrics_port, read_header_timeout=settings.read_header_timeout
+        )
         metrics_sockets = bind(metrics_cfg, "--metrics-listen-addr")
         m = metrics.Metrics()
 

@@ -1,0 +1,127 @@
+"""Slow and odd clients: read-header timeout, request-body idle timeout, zone ids, cut responses."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import trio
+
+from aws_outbound_jwt_proxy.routing.target import parse_authority
+from tests.fixtures.emulator import StsEmulator
+from tests.fixtures.process import ProxyFactory, base_env
+from tests.fixtures.proxy import AccessLog, FixedTokens, proxy_settings, running_proxy
+from tests.fixtures.upstreams import Upstream
+
+HTTP = ("--upstream-scheme", "http")
+
+
+async def _connect(url: str) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+
+
+async def _closed_within(stream: trio.SocketStream, seconds: float) -> bytes:
+    """Everything the proxy sent until it closed the connection (fails after ``seconds``)."""
+    out = b""
+    with trio.fail_after(seconds):
+        while data := await stream.receive_some(65536):
+            out += data
+    return out
+
+
+async def test_headers_dribbled_slowly_are_cut_at_the_read_header_timeout() -> None:
+    s = proxy_settings(*HTTP, "--read-header-timeout", "500ms")
+    async with running_proxy(s, FixedTokens()) as url:
+        stream = await _connect(url)
+        async with stream:
+            started = trio.current_time()
+            for chunk in (b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n"):
+                await stream.send_all(chunk)  # a byte now and then never resets the timer
+                with trio.move_on_after(0.2):
+                    if await stream.receive_some(1) == b"":
+                        break
+            await _closed_within(stream, 5)
+            assert trio.current_time() - started < 2.0
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_read_header_timeout(upstream: Upstream) -> None:
+    s = proxy_settings(*HTTP, "--read-header-timeout", "300ms")
+    async with running_proxy(s, FixedTokens()) as url:
+        stream = await _connect(url)
+        async with stream:
+            await stream.send_all(
+                f"GET /ka HTTP/1.1\r\nHost: x\r\nX-Upstream-Host: {upstream.host}\r\n\r\n".encode()
+            )
+            answer = await _closed_within(stream, 5)  # the response, then the close
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_stalled_upload_gets_408_and_frees_the_upstream(
+    upstream: Upstream, access_log: AccessLog
+) -> None:
+    s = proxy_settings(*HTTP, "--request-body-timeout", "300ms")
+    async with running_proxy(s, FixedTokens()) as url:
+        stream = await _connect(url)
+        async with stream:
+            route = f"X-Upstream-Host: {upstream.host}\r\n"
+            head = f"POST /slow HTTP/1.1\r\nHost: x\r\n{route}Content-Length: 100\r\n\r\n"
+            await stream.send_all(head.encode() + b"0123456789")  # then nothing
+            answer = b""
+            with trio.fail_after(5):
+                while b"request body timeout" not in answer:
+                    answer += await stream.receive_some(65536)
+        records = await access_log.wait_for(1)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert records[0].__dict__["status"] == 408
+    # the upstream call was aborted: whatever reached the upstream is short of the body
+    assert all(r["body_size"] < 100 for r in upstream.state.requests)
+
+
+@pytest.mark.parametrize("value", ["[fe80::1%eth0]", "[fe80::1%25eth0]:443", "[::1%lo]"])
+def test_ipv6_zone_ids_are_rejected(value: str) -> None:
+    with pytest.raises(ValueError, match="zone"):
+        parse_authority("https", value)
+
+
+async def test_a_response_cut_by_the_upstream_is_logged_incomplete(access_log: AccessLog) -> None:
+    async def cut(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await stream.aclose()
+
+    from tests.fixtures.upstreams import serve_raw
+
+    async with trio.open_nursery() as nursery:
+        port = await serve_raw(nursery, cut)
+        async with running_proxy(proxy_settings(*HTTP), FixedTokens()) as url:
+            stream = await _connect(url)
+            async with stream:
+                await stream.send_all(
+                    f"GET /c HTTP/1.1\r\nHost: x\r\nX-Upstream-Host: 127.0.0.1:{port}\r\n\r\n".encode()
+                )
+                await _closed_within(stream, 5)
+            records = await access_log.wait_for(1)
+        nursery.cancel_scope.cancel()
+    assert records[0].__dict__["status"] == 200 and records[0].__dict__["complete"] is False
+
+
+def test_sigterm_does_not_wait_for_an_idle_keep_alive_connection(
+    proxy_process: ProxyFactory, sts_emulator: StsEmulator
+) -> None:
+    # One request, then the connection stays open and idle; shutdown must close it at once
+    # instead of waiting the whole --shutdown-timeout.
+    env = sts_emulator.subprocess_env(base_env())
+    proc = proxy_process(
+        [*HTTP, "--shutdown-timeout", "8s", "--read-header-timeout", "60s", "--upstream-host", "127.0.0.1:9"],
+        env,
+    )
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 ")  # 502: nothing on port 9; keep-alive
+        started = time.monotonic()
+        status = proc.stop()
+        elapsed = time.monotonic() - started
+    assert status == 0
+    assert elapsed < 4.0, elapsed
