@@ -63,8 +63,9 @@ def outbound(
     ``Authorization`` and the routing header ``drop`` (lower-case) are removed;
     ``Host: authority`` goes first, ``Authorization: Bearer`` last.
     ``X-Forwarded-For`` keeps its place with the client IP appended to the
-    existing list (several headers are merged into one). ``websocket=True`` also drops what the websocket client writes itself
-    (Host, Sec-WebSocket-*), so Host is not added.
+    existing list (several headers are merged into one). ``websocket=True``
+    also drops what the websocket client writes itself (Host,
+    Sec-WebSocket-*), so Host is not added.
 
     A ``Content-Length`` sent together with ``Transfer-Encoding`` is dropped
     (the body is framed by the chunked encoding, and httpx streams it that way).
