@@ -738,3 +738,23 @@ def test_drop_empty_labels_only_touches_optional_empty_labels() -> None:
         b'b_total{audience="x",result="ok"} 2.0\n'
         b'c_total{audience="error_type=\\"\\",",result="ok"} 3.0\n'
     )
+
+
+def test_upstream_labels_are_capped_and_idle_ones_dropped() -> None:
+    now = [0.0]
+    m = Metrics(max_upstreams=3, upstream_idle=60.0, clock=lambda: now[0])
+    for i in range(10):  # ten distinct upstreams, several ports
+        m.upstream_finished(f"h{i}.example", "https", 8000 + i, 0.01, None, "ok")
+    fams = parse_scrape(m.render("")[0].decode())
+    addresses = {s.labels["server_address"] for s in fams["http_client_request_duration_seconds"].samples}
+    assert addresses == {"h0.example", "h1.example", "h2.example", "_OTHER"}
+    count = partial(value, fams, "http_client_request_duration_seconds_count")
+    assert count(server_address="_OTHER", server_port="_OTHER", token_result="ok") == 7
+    # h0 stays busy; h1 and h2 go idle past the limit and lose their series at the next scrape
+    now[0] = 61.0
+    m.upstream_finished("h0.example", "https", 8000, 0.01, None, "ok")
+    m.prepare()
+    m.upstream_finished("h9.example", "https", 8009, 0.01, None, "ok")  # a freed place
+    fams = parse_scrape(m.render("")[0].decode())
+    addresses = {s.labels["server_address"] for s in fams["http_client_request_duration_seconds"].samples}
+    assert addresses == {"h0.example", "h9.example", "_OTHER"}

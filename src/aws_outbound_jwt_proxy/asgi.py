@@ -73,7 +73,9 @@ def build() -> QuartTrio:
         log.error(f"start-up failed: {exc}")
         raise SystemExit(serve.EXIT_STARTUP) from None
     m: metrics.Metrics | metrics.NullMetrics = (
-        metrics.Metrics() if settings.metrics_enabled else metrics.NullMetrics()
+        metrics.Metrics(max_upstreams=settings.metrics_max_upstreams)
+        if settings.metrics_enabled
+        else metrics.NullMetrics()
     )
     supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)

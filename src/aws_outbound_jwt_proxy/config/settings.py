@@ -288,6 +288,12 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
     METRICS_ENABLED,
     METRICS_LISTEN_ADDR,
     Flag("metrics-path", "/metrics", _metrics_path, "path of the metrics endpoint on the metrics listener"),
+    Flag(
+        "metrics-max-upstreams",
+        "100",
+        values.positive_int,
+        "distinct upstreams with series of their own; the rest share server_address=_OTHER",
+    ),
 )
 
 
@@ -325,6 +331,7 @@ class Settings:
     metrics_host: str
     metrics_port: int
     metrics_path: str
+    metrics_max_upstreams: int
     # Not a flag: HTTP_PROXY / HTTPS_PROXY / NO_PROXY (either case), as Go reads them.
     egress: EgressProxies = field(default_factory=EgressProxies)
 

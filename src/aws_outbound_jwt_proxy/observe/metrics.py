@@ -38,6 +38,9 @@ CANONICAL_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER_METHOD = "_OTHER"
+OTHER = "_OTHER"  # server_address and server_port of upstreams past the cap
+MAX_UPSTREAMS = 100
+UPSTREAM_IDLE = 3600.0
 # 1 ms .. 30 s: fast local upstreams up to --upstream-timeout's default.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -239,7 +242,17 @@ class TokenMetrics:
 class Metrics:
     """Every series, registered in this instance's own registry (or the worker's mmap files)."""
 
-    def __init__(self, *, process_collectors: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        process_collectors: bool = True,
+        max_upstreams: int = MAX_UPSTREAMS,
+        upstream_idle: float = UPSTREAM_IDLE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``max_upstreams`` distinct (server_address, server_port) pairs get series of their
+        own; later ones fold into ``_OTHER``. A pair unused for ``upstream_idle`` seconds
+        loses its series at the next scrape (single-process mode), freeing its place."""
         # no *_created series: the same names as the reference (this switch is process-wide)
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess_dir = multiprocess_dir()
@@ -330,6 +343,10 @@ class Metrics:
                 prometheus_client.GCCollector(registry=self.registry)
         self._server: dict[tuple[str, int], Histogram] = {}
         self._client: dict[tuple[str, str, int | None, str | None, str], Histogram] = {}
+        self._max_upstreams = max_upstreams
+        self._upstream_idle = upstream_idle
+        self._clock = clock
+        self._upstreams: dict[tuple[str, str], float] = {}  # (address, port label) -> last used
         self._active_inc = self.active_requests.inc
         self._active_dec = self.active_requests.dec
 
@@ -367,10 +384,41 @@ class Metrics:
         key = (host, scheme, port, error, token_result)
         child = self._client.get(key)
         if child is None:
+            address, port_text = host, port_label(scheme, port)
+            if (address, port_text) not in self._upstreams and len(self._upstreams) >= self._max_upstreams:
+                address = port_text = OTHER  # past the cap: one shared series for the rest
             child = self._client[key] = self.client_duration.labels(
-                host, port_label(scheme, port), error or "", token_result
+                address, port_text, error or "", token_result
             )
+            if address != OTHER:
+                self._upstreams[(address, port_text)] = self._clock()
+        elif self._upstreams:
+            upstream = (host, port_label(scheme, port))
+            if upstream in self._upstreams:
+                self._upstreams[upstream] = self._clock()
         child.observe(seconds)
+
+    def _forget_idle_upstreams(self) -> None:
+        """Drop the series of upstreams unused for ``upstream_idle`` (single-process mode)."""
+        if self.multiprocess_dir:
+            return  # prometheus-client keeps every series written to its files
+        cutoff = self._clock() - self._upstream_idle
+        idle = {u for u, used in self._upstreams.items() if used < cutoff}
+        if not idle:
+            return
+        for key in list(self._client):
+            host, scheme, port, error, token_result = key
+            address = (host, port_label(scheme, port))
+            if address in idle:
+                del self._client[key]
+                try:
+                    self.client_duration.remove(*address, error or "", token_result)
+                except KeyError:
+                    pass
+            elif address not in self._upstreams:  # folded into _OTHER: re-resolve on next use
+                del self._client[key]
+        for address in idle:
+            del self._upstreams[address]
 
     # ---- proxy.exchange.RequestObserver (what the proxy app calls) ----
 
@@ -400,8 +448,10 @@ class Metrics:
     # ---- scrape / lifecycle ----
 
     def prepare(self) -> None:
-        """On the event loop, just before a scrape renders: bring token expiry up to date."""
+        """On the event loop, just before a scrape renders: token expiry up to date, idle
+        upstreams' series dropped."""
         self.tokens.sync()
+        self._forget_idle_upstreams()
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when ``accept`` asks for it)."""

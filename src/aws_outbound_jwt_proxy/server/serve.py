@@ -145,7 +145,7 @@ async def run(
             settings.metrics_host, settings.metrics_port, read_header_timeout=settings.read_header_timeout
         )
         metrics_sockets = bind(metrics_cfg, "--metrics-listen-addr")
-        m = metrics.Metrics()
+        m = metrics.Metrics(max_upstreams=settings.metrics_max_upstreams)
 
     supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
