@@ -14,6 +14,7 @@ import trio
 import trio_websocket
 
 from aws_outbound_jwt_proxy.proxy.exchange import UpstreamFailure, UpstreamTimeout, classify
+from aws_outbound_jwt_proxy.proxy.plan import VIA_VALUE
 from aws_outbound_jwt_proxy.routing.target import Target
 from tests.fixtures.proxy import (
     FAKE_JWT,
@@ -97,6 +98,7 @@ async def test_headers_order_duplicates_hop_by_hop_host_xff_no_defaults(upstream
         ["x-a", "1"],
         ["x-forwarded-for", "203.0.113.7, 127.0.0.1"],
         ["x-b", "3"],
+        ["via", VIA_VALUE.decode()],  # our hop marker (loops through other proxies are refused)
         ["authorization", f"Bearer {FAKE_JWT}"],
     ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
+import httpx
 import pytest
 import trio
 
@@ -125,3 +126,35 @@ def test_sigterm_does_not_wait_for_an_idle_keep_alive_connection(
         elapsed = time.monotonic() - started
     assert status == 0
     assert elapsed < 4.0, elapsed
+
+
+def _get(url: str, headers: dict[str, str]) -> httpx.Response:
+    return httpx.get(url + "/loop", headers=headers, timeout=10)
+
+
+def test_requests_aimed_at_our_own_listeners_are_refused_in_every_spelling(
+    proxy_process: ProxyFactory, sts_emulator: StsEmulator
+) -> None:
+    env = sts_emulator.subprocess_env(base_env())
+    proc = proxy_process([*HTTP, "--listen-addr", "0.0.0.0:0"], env)
+    port = int(proc.url.rsplit(":", 1)[1])
+    metrics_port = int(proc.metrics_url.rsplit(":", 1)[1])
+    url = f"http://127.0.0.1:{port}"
+    for host in ("127.1", "2130706433", "localhost", "[::ffff:127.0.0.1]", "127.0.0.2"):
+        r = _get(url, {"X-Upstream-Host": f"{host}:{port}"})
+        assert r.status_code == 508 and "loop" in r.text, host
+    r = _get(url, {"X-Upstream-Host": f"127.0.0.1:{metrics_port}"})
+    assert r.status_code == 403 and "metrics" not in r.text
+    assert proc.proc.poll() is None  # and it did not forward to itself until fds ran out
+
+
+def test_a_loop_through_another_proxy_is_caught_by_the_via_marker(
+    proxy_process: ProxyFactory, sts_emulator: StsEmulator
+) -> None:
+    env = sts_emulator.subprocess_env(base_env())
+    a = proxy_process([*HTTP], env)
+    a_host = a.url.removeprefix("http://")
+    b = proxy_process([*HTTP, "--upstream-host", a_host], env)  # B always forwards to A
+    r = _get(a.url, {"X-Upstream-Host": b.url.removeprefix("http://")})  # A -> B -> A
+    assert r.status_code == 508
+    assert a.wait_for(lambda rec: rec.get("msg") == "request loop: our Via marker came back")

@@ -32,6 +32,7 @@ from .config import envcheck, flags
 from .config import settings as config
 from .observe import health, logs, metrics
 from .proxy.app import create_app
+from .routing.guard import METRICS_LISTENER, Listener
 from .server import patches, serve
 from .tokens import sts
 from .tokens import supervisor as tokens
@@ -79,7 +80,10 @@ def build() -> QuartTrio:
     )
     supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
-    app = create_app(settings, supervisor, observer=m)
+    # hypercorn owns the proxy sockets; the metrics address is ours (a port of 0 is never a target).
+    metrics_listener = Listener(settings.metrics_host, settings.metrics_port, METRICS_LISTENER)
+    listeners = [metrics_listener] if settings.metrics_enabled and settings.metrics_port else []
+    app = create_app(settings, supervisor, observer=m, listeners=listeners)
 
     @app.before_serving
     async def start_background() -> None:

@@ -9,6 +9,7 @@ the request body streams with backpressure and the response has no timeout
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from quart.ctx import RequestContext
@@ -16,6 +17,7 @@ from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
 from ..config.settings import Settings
+from ..routing.guard import Listener
 from ..tokens.supervisor import TokenSource
 from .body import ProxyRequest, ProxyResponse
 from .exchange import NullObserver, RequestObserver
@@ -45,9 +47,14 @@ class ProxyApp(QuartTrio):
 
 
 def create_app(
-    settings: Settings, tokens: TokenSource, *, observer: RequestObserver | None = None
+    settings: Settings,
+    tokens: TokenSource,
+    *,
+    observer: RequestObserver | None = None,
+    listeners: Sequence[Listener] = (),
 ) -> QuartTrio:
-    """The proxy app. ``observer`` receives every finished request (metrics)."""
+    """The proxy app. ``observer`` receives every finished request (metrics); ``listeners``
+    are our own bound addresses, never a valid upstream."""
     app = ProxyApp(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=None,  # Quart's 16 MB → 413 is wrong for a proxy
@@ -55,7 +62,7 @@ def create_app(
         RESPONSE_TIMEOUT=None,  # would cut long downloads and SSE
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
-    forwarder = Forwarder(settings, tokens, observer or NullObserver())
+    forwarder = Forwarder(settings, tokens, observer or NullObserver(), listeners)
     app.forwarder = forwarder
 
     @app.before_serving

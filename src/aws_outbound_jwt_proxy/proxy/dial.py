@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import math
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -31,25 +32,55 @@ from httpcore._backends.trio import TrioBackend, TrioStream
 
 from ..routing.guard import Guard, IPAddress
 from ..routing.target import Target
-from .exchange import DeniedUpstream
+from .exchange import DeniedUpstream, LoopDetected
 
 MAX_TUNNEL_RESPONSE = 16 * 1024
 
 
 async def checked_addresses(host: str, port: int, guard: Guard) -> list[str]:
-    """The addresses ``host`` resolves to that the guard allows (all of them when it is off)."""
+    """The addresses ``host`` resolves to that the guard allows (all of them when it is off).
+
+    Raises :class:`~.exchange.LoopDetected` when one of them is our own listener and
+    :class:`~.exchange.DeniedUpstream` when the deny list refuses them all.
+    """
     if not guard.active:
         return [host]
     infos = await trio.socket.getaddrinfo(host.strip("[]"), port, type=trio.socket.SOCK_STREAM)
     allowed: list[str] = []
     for *_, sockaddr in infos:
         address: IPAddress = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        own = guard.own(address, port)
+        if own is not None:
+            raise LoopDetected(own)
         text = str(address)
         if not guard.denied(address) and text not in allowed:
             allowed.append(text)
     if not allowed:
         raise DeniedUpstream(host)
     return allowed
+
+
+_local_cache: dict[IPAddress, bool] = {}
+
+
+def is_local_address(address: IPAddress) -> bool:
+    """Whether ``address`` belongs to this machine: binding a socket to it succeeds. Cached."""
+    known = _local_cache.get(address)
+    if known is None:
+        if address.is_loopback or address.is_unspecified:
+            known = True
+        else:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.bind((str(address), 0))
+                known = True
+            except OSError:
+                known = False
+        if len(_local_cache) >= 4096:
+            _local_cache.clear()
+        _local_cache[address] = known
+    return known
 
 
 async def open_tcp(host: str, port: int, guard: Guard) -> trio.SocketStream:

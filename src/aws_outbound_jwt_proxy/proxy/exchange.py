@@ -79,6 +79,25 @@ class UpstreamFailure:
 # Why a target was refused with 403 (the ``reason`` label of the denial counter).
 DENIED_ALLOW_LIST = "allow_list"  # not in --allowed-upstream-hosts
 DENIED_CIDR = "denied_cidr"  # an address in --denied-upstream-cidrs (literal or resolved)
+DENIED_OWN_LISTENER = "own_listener"  # the proxy's own metrics listener
+
+
+LOOP = "loop detected: the upstream is this proxy\n"
+
+
+class LoopDetected(Exception):
+    """The target is one of our own listeners (``kind``: proxy → 508, metrics → 403)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def own_listener_refusal(kind: str, target: Target | None) -> Refusal:
+    """508 for a request aimed back at the proxy, 403 for one aimed at its metrics listener."""
+    if kind == "metrics":
+        return Refusal(403, NOT_ALLOWED, target, denied=DENIED_OWN_LISTENER)
+    return Refusal(508, LOOP, target)
 
 
 class DeniedUpstream(Exception):

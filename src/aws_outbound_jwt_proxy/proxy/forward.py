@@ -10,15 +10,17 @@ the request went; the connection's owner (``proxy.http``) records that in the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import trio
 
 from ..config.settings import Settings
-from ..routing.guard import Guard
+from ..routing.guard import Guard, Listener
 from ..tokens.supervisor import TokenSource
 from . import headers as hdr
 from .body import ClientBodyTimeout, ClientDisconnected, ProxyRequest, ProxyResponse, plain
+from .dial import is_local_address
 from .exchange import (
     CLIENT_GONE,
     DENIED_CIDR,
@@ -27,10 +29,12 @@ from .exchange import (
     TOKEN_OK,
     DeniedUpstream,
     Exchange,
+    LoopDetected,
     Refusal,
     RequestObserver,
     cause,
     classify,
+    own_listener_refusal,
 )
 from .plan import Planner
 from .upstream import Upstream
@@ -42,8 +46,15 @@ access = logging.getLogger("aws_outbound_jwt_proxy.access")
 class Forwarder:
     """Per-app state; :meth:`handle` runs per request, :meth:`begin`/:meth:`finish` bracket it."""
 
-    def __init__(self, settings: Settings, tokens: TokenSource, observer: RequestObserver) -> None:
-        guard = Guard(settings.denied_upstream_cidrs)
+    def __init__(
+        self,
+        settings: Settings,
+        tokens: TokenSource,
+        observer: RequestObserver,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        """``listeners``: our own bound addresses, which routed requests may never target."""
+        guard = Guard(settings.denied_upstream_cidrs, listeners, is_local_address)
         self.planner = Planner(settings, tokens, guard)
         self.upstream = Upstream(settings, guard, settings.egress)
         self.observer = observer
@@ -99,6 +110,11 @@ class Forwarder:
         except ClientBodyTimeout:
             log.warning("request body timed out", extra={"target": plan.target.authority})
             response = plain(408, REQUEST_BODY_TIMEOUT)
+        except LoopDetected as loop:
+            refusal = own_listener_refusal(loop.kind, plan.target)
+            log.warning("upstream is this proxy's own listener", extra={"target": plan.target.authority})
+            response = plain(refusal.status, refusal.body)
+            response.denied = refusal.denied
         except DeniedUpstream:
             log.warning(
                 "upstream address denied", extra={"target": plan.target.authority, "reason": DENIED_CIDR}

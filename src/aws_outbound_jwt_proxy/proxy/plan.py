@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +25,29 @@ from .exchange import (
     BAD_TARGET,
     DENIED_ALLOW_LIST,
     DENIED_CIDR,
+    LOOP,
     NOT_ALLOWED,
     TOKEN_FETCH_ERROR,
     TOKEN_RESOLVER_ERROR,
     TOKEN_UNAVAILABLE,
     Refusal,
+    own_listener_refusal,
 )
 
 log = logging.getLogger("aws_outbound_jwt_proxy.forward")
+
+# Our hop marker, sent upstream in ``Via`` and refused when it comes back (a loop through
+# other proxies or DNS names the address checks cannot see). One per process.
+VIA = f"aws-outbound-jwt-proxy-{secrets.token_hex(4)}".encode("ascii")
+VIA_VALUE = b"1.1 " + VIA
+
+
+def _came_through_us(headers: Any) -> bool:
+    for name, value in headers:
+        if name == b"via" and VIA in value:
+            return True
+    return False
+
 
 CONNECT_NOT_SUPPORTED = (
     "CONNECT is not supported: send plain http:// URLs through this proxy "
@@ -118,6 +134,9 @@ class Planner:
     async def plan(self, scope: Any, *, websocket: bool = False) -> Plan | Refusal:
         if scope.get("method") == "CONNECT":
             return Refusal(405, CONNECT_NOT_SUPPORTED)
+        if _came_through_us(scope["headers"]):
+            log.warning("request loop: our Via marker came back", extra={"via": VIA.decode()})
+            return Refusal(508, LOOP)
         request = request_target(scope)
         if request is None:
             return Refusal(400, BAD_TARGET)
@@ -126,9 +145,14 @@ class Planner:
             target = self.router.resolve(scope["headers"], server_address(scope), absolute=absolute)
         except RouteError as err:
             return Refusal(err.status, err.body, denied=DENIED_ALLOW_LIST if err.status == 403 else None)
-        if self.guard_literals and self.guard.denied_literal(target.host):
-            log.warning("upstream address denied", extra={"target": target.authority, "reason": DENIED_CIDR})
-            return Refusal(403, NOT_ALLOWED, target, denied=DENIED_CIDR)
+        if self.guard_literals:
+            own = self.guard.own_literal(target.host, target.effective_port)
+            if own is not None:
+                return own_listener_refusal(own, target)
+            if self.guard.denied_literal(target.host):
+                fields = {"target": target.authority, "reason": DENIED_CIDR}
+                log.warning("upstream address denied", extra=fields)
+                return Refusal(403, NOT_ALLOWED, target, denied=DENIED_CIDR)
         try:
             audiences = self.resolver.for_target(target)
         except Exception as exc:
@@ -161,4 +185,5 @@ class Planner:
             log.debug(
                 "replaced inbound Authorization with the bearer token", extra={"target": target.authority}
             )
+        out.insert(len(out) - 1, (b"via", VIA_VALUE))  # before Authorization, which stays last
         return Plan(target, path, out)

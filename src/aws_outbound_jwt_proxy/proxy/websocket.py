@@ -28,9 +28,11 @@ from .exchange import (
     TOKEN_OK,
     DeniedUpstream,
     Exchange,
+    LoopDetected,
     Refusal,
     cause,
     classify,
+    own_listener_refusal,
 )
 from .forward import Forwarder, ForwardingApp
 from .plan import Plan
@@ -151,6 +153,11 @@ async def _session(
         if ex.status == 0:
             ex.status = rej.status_code
             await reject(scope, send, rej.status_code, rej.body or b"")
+    except LoopDetected as loop:
+        refusal = own_listener_refusal(loop.kind, target)
+        ex.upstream_seconds = trio.current_time() - started
+        ex.status, ex.denied = refusal.status, refusal.denied
+        await reject(scope, send, refusal.status, refusal.body.encode())
     except DeniedUpstream:
         ex.upstream_seconds = trio.current_time() - started
         ex.denied, ex.status = DENIED_CIDR, 403

@@ -1,5 +1,9 @@
 """The SSRF guard: upstream addresses that header, Host and forward-proxy routing may never reach.
 
+Two lists: the deny list (``--denied-upstream-cidrs``) and our own listeners
+(the proxy's and the metrics listener's bound addresses: a request aimed there
+would loop through the proxy or read its metrics).
+
 Pure: built once from ``--denied-upstream-cidrs``. Two checks, one rule:
 
 * :meth:`Guard.denied_literal` for a target written as an address, in any
@@ -20,7 +24,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,16 +81,81 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-class Guard:
-    """The deny list. An empty list allows everything."""
+PROXY_LISTENER = "proxy"
+METRICS_LISTENER = "metrics"
 
-    def __init__(self, denied: Iterable[IPNetwork]) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One of our own listeners: ``host`` as bound (``""``, ``0.0.0.0`` or ``::`` = every address)."""
+
+    host: str
+    port: int
+    kind: str  # PROXY_LISTENER or METRICS_LISTENER
+
+    def reached_by(self, address: IPAddress, port: int, is_local: Callable[[IPAddress], bool]) -> bool:
+        if port != self.port:
+            return False
+        address = _embedded_ipv4(address) or address
+        bound = self.host.strip("[]")
+        if bound in ("", "0.0.0.0", "::"):
+            return is_local(address)
+        try:
+            return (_embedded_ipv4(own := ipaddress.ip_address(bound)) or own) == address
+        except ValueError:  # a name: its loopback addresses
+            return bound == "localhost" and address.is_loopback
+
+
+def _never_local(address: IPAddress) -> bool:
+    return address.is_loopback or address.is_unspecified
+
+
+class Guard:
+    """The deny list, and our own listeners (a request there would loop, or read our metrics).
+
+    An empty deny list allows every address; the listener check stays on.
+    ``is_local`` says whether an address belongs to this machine (the dialer
+    passes a real check; the default knows only loopback and unspecified).
+    """
+
+    def __init__(
+        self,
+        denied: Iterable[IPNetwork],
+        listeners: Iterable[Listener] = (),
+        is_local: Callable[[IPAddress], bool] = _never_local,
+    ) -> None:
         self.networks = tuple(denied)
+        self.listeners = tuple(listeners)
+        self.is_local = is_local
         self._literal: dict[str, IPAddress | None] = {}
 
     @property
     def active(self) -> bool:
-        return bool(self.networks)
+        """Whether the dialer must resolve names itself and check every address."""
+        return bool(self.networks) or bool(self.listeners)
+
+    def own(self, address: IPAddress, port: int) -> str | None:
+        """The kind of our listener that ``address:port`` reaches, or None."""
+        for listener in self.listeners:
+            if listener.reached_by(address, port, self.is_local):
+                return listener.kind
+        return None
+
+    def own_literal(self, host: str, port: int) -> str | None:
+        """:meth:`own` for a target written as an address (any spelling); None for names."""
+        if not self.listeners:
+            return None
+        address = self._address(host)
+        return None if address is None else self.own(address, port)
+
+    def _address(self, host: str) -> IPAddress | None:
+        try:
+            return self._literal[host]
+        except KeyError:
+            if len(self._literal) >= 4096:
+                self._literal.clear()
+            address = self._literal[host] = literal_address(host)
+            return address
 
     def denied(self, address: IPAddress) -> bool:
         embedded = _embedded_ipv4(address)
@@ -98,10 +168,5 @@ class Guard:
         """``host`` is an address literal (any spelling) in the deny list. Cached per host."""
         if not self.networks:
             return False
-        try:
-            address = self._literal[host]
-        except KeyError:
-            if len(self._literal) >= 4096:
-                self._literal.clear()
-            address = self._literal[host] = literal_address(host)
+        address = self._address(host)
         return address is not None and self.denied(address)

@@ -26,6 +26,7 @@ from ..config.settings import Settings
 from ..observe import health, logs, metrics
 from ..proxy.app import create_app
 from ..routing.egress import redact
+from ..routing.guard import METRICS_LISTENER, PROXY_LISTENER, Listener
 from ..tokens import sts
 from ..tokens import supervisor as tokens
 from . import patches
@@ -86,6 +87,15 @@ def bind(cfg: HyperConfig, what: str) -> Sockets:
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
         sock.listen(cfg.backlog)
     return sockets
+
+
+def own_listeners(sockets: Sockets, kind: str) -> list[Listener]:
+    """The addresses ``sockets`` are bound to, as guard entries (port 0 resolved)."""
+    out = []
+    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+        host, port = sock.getsockname()[:2]
+        out.append(Listener(str(host), int(port), kind))
+    return out
 
 
 async def serve_app(
@@ -149,7 +159,10 @@ async def run(
 
     supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
-    app = create_app(settings, supervisor, observer=m)
+    listeners = own_listeners(proxy_sockets, PROXY_LISTENER)
+    if settings.metrics_enabled:
+        listeners += own_listeners(metrics_sockets, METRICS_LISTENER)
+    app = create_app(settings, supervisor, observer=m, listeners=listeners)
 
     try:
         async with trio.open_nursery() as root:
