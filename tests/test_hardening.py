@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 import trio
 
+from aws_outbound_jwt_proxy.observe.logs import EveryInterval
 from aws_outbound_jwt_proxy.routing.target import parse_authority
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.process import ProxyFactory, base_env
@@ -158,3 +160,24 @@ def test_a_loop_through_another_proxy_is_caught_by_the_via_marker(
     r = _get(a.url, {"X-Upstream-Host": b.url.removeprefix("http://")})  # A -> B -> A
     assert r.status_code == 508
     assert a.wait_for(lambda rec: rec.get("msg") == "request loop: our Via marker came back")
+
+
+def test_repeated_accept_errors_are_one_line_per_interval_with_a_count() -> None:
+    now = [0.0]
+    limit = EveryInterval(interval=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("test.accept")
+    logger.propagate = False
+    logger.addFilter(limit)
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = kept.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    for i in range(250):  # 25 s of trio's 100 ms retries
+        now[0] = i * 0.1
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            logger.error("accept returned EMFILE", exc_info=True)
+    assert len(kept) == 3  # at 0 s, 10 s and 20 s
+    assert [r.__dict__["repeated"] for r in kept] == [0, 99, 99]
+    assert all(r.exc_info is None for r in kept)

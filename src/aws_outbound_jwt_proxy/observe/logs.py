@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 LEVELS = {
@@ -92,6 +94,36 @@ def formatter(fmt: str) -> logging.Formatter:
     return JSONFormatter() if fmt == "json" else TextFormatter()
 
 
+class EveryInterval(logging.Filter):
+    """Let one record through per ``interval`` seconds; the next one says how many were held back.
+
+    For repeated identical failures such as ``accept returned EMFILE`` (trio retries
+    ten times a second while the process is out of file descriptors): one line per
+    interval with a count instead of a traceback every 100 ms. The traceback is dropped.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now < self._next:
+            self._held += 1
+            return False
+        self._next = now + self.interval
+        record.exc_info, record.exc_text = None, None
+        record.__dict__["repeated"] = self._held
+        self._held = 0
+        return True
+
+
+ACCEPT_ERRORS = logging.getLogger("trio.serve_listeners")
+
+
 def setup(level: str = "info", fmt: str = "json") -> None:
     """Route the root logger (and so hypercorn's and botocore's) to stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -104,6 +136,8 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     # botocore at debug logs signed request headers; keep it quiet always.
     for noisy in ("botocore", "boto3", "urllib3", "hpack", "h2", "httpcore", "httpx"):
         logging.getLogger(noisy).setLevel(max(LEVELS[level], logging.WARNING))
+    if not any(isinstance(f, EveryInterval) for f in ACCEPT_ERRORS.filters):
+        ACCEPT_ERRORS.addFilter(EveryInterval())
     for name in ("hypercorn.error", "hypercorn.access"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
