@@ -148,6 +148,17 @@ def _ca_file(value: str) -> str:
     return path
 
 
+def _rate(value: str) -> float:
+    text = value.strip()
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of calls per second, got {text!r}") from None
+    if not rate >= 0 or rate == float("inf"):
+        raise ValueError(f"must be >= 0 (0 = no limit), got {text!r}")
+    return rate
+
+
 def _denied_cidrs(items: list[str]) -> tuple[IPNetwork, ...]:
     # Repeatable, and each value may itself be a comma list (as in the env var); "" turns it off.
     return parse_cidrs(part for value in items for part in value.split(","))
@@ -240,6 +251,12 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         "most audience sets kept (least recently used evicted)",
     ),
     Flag(
+        "sts-max-rate",
+        "20",
+        _rate,
+        "STS calls per second at most (small burst); refreshes go first, new sets get 503; 0 = no limit",
+    ),
+    Flag(
         "token-cache-idle-ttl",
         "1h",
         values.duration(above=0),
@@ -317,6 +334,7 @@ class Settings:
     token_tags: tuple[tuple[str, str], ...]
     token_cache_max_entries: int
     token_cache_idle_ttl: float
+    sts_max_rate: float
     allowed_upstream_hosts: tuple[str, ...]
     denied_upstream_cidrs: tuple[IPNetwork, ...]
     upstream_ca_file: str

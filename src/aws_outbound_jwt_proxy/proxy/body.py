@@ -192,11 +192,13 @@ async def close_upstream(response: httpx.Response) -> None:
             await response.aclose()
 
 
-def plain(status: int, text: str) -> ProxyResponse:
+def plain(status: int, text: str, retry_after: int | None = None) -> ProxyResponse:
     """A short text/plain answer from the proxy itself."""
     body = text.encode("utf-8")
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode("ascii")))
     return ProxyResponse(status, headers, body)

@@ -37,6 +37,7 @@ BAD_TARGET = "invalid request target\n"
 NOT_ALLOWED = "upstream not allowed\n"
 REQUEST_BODY_TIMEOUT = "request body timeout\n"
 TOKEN_UNAVAILABLE = "token unavailable\n"
+TOKEN_RATE_LIMITED = "token unavailable: STS rate limit reached, retry later\n"
 UPSTREAM_UNAVAILABLE = "upstream unavailable\n"
 UPSTREAM_TIMEOUT = "upstream timeout\n"
 
@@ -65,6 +66,7 @@ class Refusal:
     target: Target | None = None
     token_result: str | None = None
     denied: str | None = None  # DENIED_* when the target is not allowed
+    retry_after: int | None = None  # seconds, sent as Retry-After (503)
 
 
 @dataclass(frozen=True, slots=True)

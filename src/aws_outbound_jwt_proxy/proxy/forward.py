@@ -97,7 +97,7 @@ class Forwarder:
         plan = await self.planner.plan(scope)
         if isinstance(plan, Refusal):
             request.target, request.token_result = plan.target, plan.token_result
-            response = plain(plan.status, plan.body)
+            response = plain(plan.status, plan.body, plan.retry_after)
             response.denied = plan.denied
             return response
         request.target, request.token_result = plan.target, TOKEN_OK

@@ -9,6 +9,7 @@ to the upstream; the token source is the only thing awaited.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ..routing import audience
 from ..routing.guard import Guard
 from ..routing.router import RouteError, Router
 from ..routing.target import Target, parse_authority
+from ..tokens.api import RATE_LIMITED
 from ..tokens.supervisor import TokenSource, TokenUnavailable
 from . import headers as hdr
 from .exchange import (
@@ -28,6 +30,7 @@ from .exchange import (
     LOOP,
     NOT_ALLOWED,
     TOKEN_FETCH_ERROR,
+    TOKEN_RATE_LIMITED,
     TOKEN_RESOLVER_ERROR,
     TOKEN_UNAVAILABLE,
     Refusal,
@@ -164,6 +167,9 @@ class Planner:
         try:
             jwt = await self.tokens.get(audiences)
         except TokenUnavailable as err:
+            if err.error_class == RATE_LIMITED:
+                retry = max(1, math.ceil(err.retry_after))
+                return Refusal(503, TOKEN_RATE_LIMITED, target, TOKEN_FETCH_ERROR, retry_after=retry)
             log.error(
                 "token unavailable",
                 extra={

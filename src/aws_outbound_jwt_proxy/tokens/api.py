@@ -14,6 +14,7 @@ from typing import Protocol
 from . import sts
 
 SHUTDOWN = "shutdown"  # error_class when the supervisor is gone
+RATE_LIMITED = "sts_rate_limited"  # error_class when --sts-max-rate left no call for a new fetch
 TIMEOUT = "timeout"  # error_class when a waiting request ran out of time
 INTERNAL = "internal"  # error_class for an unexpected exception in the fetch path
 EXPIRED_ON_ARRIVAL = "ExpiredOnArrival"  # STS answered with a token already past its exp
@@ -26,9 +27,10 @@ class TokenUnavailable(Exception):
     ``502 token unavailable`` and log ``error_class``.
     """
 
-    def __init__(self, error_class: str) -> None:
+    def __init__(self, error_class: str, retry_after: float = 0.0) -> None:
         super().__init__(error_class)
         self.error_class = error_class
+        self.retry_after = retry_after  # RATE_LIMITED: seconds until STS may be called again
 
 
 class TokenSource(Protocol):
@@ -66,6 +68,9 @@ class TokenPolicy(Protocol):
 
     @property
     def upstream_timeout(self) -> float: ...  # longest a request waits for a token
+
+    @property
+    def sts_max_rate(self) -> float: ...  # STS calls per second at most (0: no limit)
 
 
 class Fetcher(Protocol):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..routing import audience
 from . import schedule
-from .api import EXPIRED_ON_ARRIVAL, SHUTDOWN, SetState, TokenObserver, TokenPolicy
+from .api import EXPIRED_ON_ARRIVAL, RATE_LIMITED, SHUTDOWN, SetState, TokenObserver, TokenPolicy
 
 log = logging.getLogger("aws_outbound_jwt_proxy.tokens")
 
@@ -73,6 +73,7 @@ class Miss:
     flight: Flight | None
     error: str
     actions: Actions
+    retry_after: float = 0.0  # with RATE_LIMITED: seconds until STS may be called again
 
 
 @dataclass(eq=False)
@@ -126,6 +127,9 @@ class TokenCache:
         self._seq = itertools.count()
         self._fetches: list[Flight] = []
         self._finished: list[Flight] = []
+        self._rate = schedule.RateLimit(policy.sts_max_rate)
+        # Background fetches the rate limit postponed: they go before any new foreground fetch.
+        self._postponed: set[str] = set()
 
     # ---- handlers -----------------------------------------------------------
 
@@ -164,7 +168,7 @@ class TokenCache:
         entry.last_asked = now
         self._entries.move_to_end(key)
         _notify(self._observer.cache_miss, key)
-        error = schedule.UNKNOWN
+        error, retry_after = schedule.UNKNOWN, 0.0
         if entry.flight is None:
             if entry.error is not None:
                 entry.due = schedule.pull_in(entry.due, entry.failed_at, entry.failures)
@@ -172,12 +176,12 @@ class TokenCache:
                 error = entry.error
                 self._log_no_token(entry)
                 self._arm(entry)
-            else:
-                self._start_fetch(entry, background=False, now=now)
+            elif not self._start_fetch(entry, background=False, now=now):
+                error, retry_after = RATE_LIMITED, max(self._rate.wait(now), 1.0)
         flight = entry.flight
         if created:
             self._enforce_max()
-        return Miss(flight, error, self._actions())
+        return Miss(flight, error, self._actions(), retry_after)
 
     def fetched(self, flight: Flight, result: Result, now: float) -> Actions:
         """A fetch ended at ``now`` (its duration is ``now - flight.started``)."""
@@ -333,6 +337,7 @@ class TokenCache:
 
     def _drop(self, entry: _Entry, reason: str) -> None:
         del self._entries[entry.key]
+        self._postponed.discard(entry.key)
         log.debug("audience set dropped", extra={"audience": entry.key, "reason": reason})
         _notify(self._observer.cached_sets, len(self._entries))
 
@@ -356,10 +361,30 @@ class TokenCache:
         entry.wake_seq, entry.wake_at = next(self._seq), when
         heapq.heappush(self._heap, (when, entry.wake_seq, entry.key))
 
-    def _start_fetch(self, entry: _Entry, *, background: bool, now: float) -> None:
+    def _start_fetch(self, entry: _Entry, *, background: bool, now: float) -> bool:
+        """Start a fetch if --sts-max-rate allows one now: background fetches (pre-warm,
+        refresh, retry) first; one it postpones is retried when the next call is free,
+        and until then no foreground fetch may take the call. False: not started."""
+        if background:
+            if not self._rate.take(now):
+                self._postpone(entry, now)
+                return False
+            self._postponed.discard(entry.key)
+        elif self._postponed or not self._rate.take(now):
+            if not self._postponed:
+                log.debug("STS rate limit reached", extra={"audience": entry.key})
+            return False
         flight = Flight(entry.key, entry.audiences, background=background, started=now)
         entry.flight, entry.due = flight, math.inf
         self._fetches.append(flight)
+        return True
+
+    def _postpone(self, entry: _Entry, now: float) -> None:
+        if entry.key not in self._postponed:
+            log.debug("STS rate limit reached: refresh postponed", extra={"audience": entry.key})
+        self._postponed.add(entry.key)
+        entry.due = now + max(self._rate.wait(now), 0.001)
+        self._arm(entry)
 
     def _finish(self, flight: Flight, jwt: str | None, error: str | None) -> None:
         if not flight.done:

@@ -7,6 +7,7 @@ function that unit tests can pin down exactly.
 
 from __future__ import annotations
 
+import math
 import re
 
 # Codes compared with any trailing "Exception" removed (STS sends both forms).
@@ -160,3 +161,39 @@ def no_token_cap(failures: int) -> float:
 def pull_in(due: float, failed_at: float, failures: int = 1) -> float:
     """A request found no valid token: retry at most :func:`no_token_cap` after the last failure."""
     return min(due, failed_at + no_token_cap(failures))
+
+
+class RateLimit:
+    """A token bucket for STS calls: ``rate`` per second, up to ``burst`` at once. Pure.
+
+    ``rate`` 0 means no limit. ``now`` is any monotonic clock in seconds.
+    """
+
+    def __init__(self, rate: float, burst: int | None = None) -> None:
+        self.rate = rate
+        self.burst = float(burst if burst is not None else max(1, math.ceil(rate / 4)))
+        self._tokens = self.burst
+        self._at = -math.inf
+
+    def _refill(self, now: float) -> None:
+        if now > self._at:
+            elapsed = now - self._at if self._at > -math.inf else math.inf
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._at = now
+
+    def take(self, now: float) -> bool:
+        """Spend one call if one is available now."""
+        if self.rate <= 0:
+            return True
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def wait(self, now: float) -> float:
+        """Seconds until :meth:`take` will succeed (0 when it would now)."""
+        if self.rate <= 0:
+            return 0.0
+        self._refill(now)
+        return max(0.0, (1.0 - self._tokens) / self.rate)

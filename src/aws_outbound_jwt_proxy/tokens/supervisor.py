@@ -118,7 +118,7 @@ class Supervisor:
         self._apply(miss.actions)
         flight = miss.flight
         if flight is None:
-            raise TokenUnavailable(miss.error)
+            raise TokenUnavailable(miss.error, miss.retry_after)
         done = self._done.get(flight)
         if done is not None:
             with trio.move_on_at(deadline):
