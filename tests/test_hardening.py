@@ -11,11 +11,12 @@ import pytest
 import trio
 
 from aws_outbound_jwt_proxy.observe.logs import EveryInterval
+from aws_outbound_jwt_proxy.proxy.upstream import PerUpstreamLimit
 from aws_outbound_jwt_proxy.routing.target import parse_authority
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.process import ProxyFactory, base_env
 from tests.fixtures.proxy import AccessLog, FixedTokens, proxy_settings, running_proxy
-from tests.fixtures.upstreams import Upstream
+from tests.fixtures.upstreams import Upstream, serve_raw
 
 HTTP = ("--upstream-scheme", "http")
 
@@ -92,8 +93,6 @@ async def test_a_response_cut_by_the_upstream_is_logged_incomplete(access_log: A
         await stream.receive_some(65536)
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
         await stream.aclose()
-
-    from tests.fixtures.upstreams import serve_raw
 
     async with trio.open_nursery() as nursery:
         port = await serve_raw(nursery, cut)
@@ -181,3 +180,36 @@ def test_repeated_accept_errors_are_one_line_per_interval_with_a_count() -> None
     assert len(kept) == 3  # at 0 s, 10 s and 20 s
     assert [r.__dict__["repeated"] for r in kept] == [0, 99, 99]
     assert all(r.exc_info is None for r in kept)
+
+
+async def test_one_slow_upstream_cannot_take_every_upstream_connection(upstream: Upstream) -> None:
+    release = trio.Event()
+
+    async def slow(stream: trio.SocketStream) -> None:  # answers headers, then holds the body open
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await release.wait()
+        await stream.send_all(b"done")
+
+    async with trio.open_nursery() as nursery:
+        slow_port = await serve_raw(nursery, slow)
+        transport = PerUpstreamLimit(httpx.AsyncHTTPTransport(), limit=2)
+        async with httpx.AsyncClient(transport=transport) as client:
+            held = [
+                await client.send(client.build_request("GET", f"http://127.0.0.1:{slow_port}/"), stream=True)
+                for _ in range(2)
+            ]
+            with trio.move_on_after(0.5) as waited:  # a third request to the slow upstream waits
+                await client.get(f"http://127.0.0.1:{slow_port}/")
+            assert waited.cancelled_caught
+            with trio.fail_after(5):  # another upstream is not held up
+                other = await client.get(upstream.url + "/free")
+            assert other.status_code == 200
+            release.set()
+            for response in held:
+                await response.aread()
+                await response.aclose()
+            with trio.fail_after(5):  # slots are back once the bodies are closed
+                again = await client.get(f"http://127.0.0.1:{slow_port}/")
+            assert again.content == b"done"
+        nursery.cancel_scope.cancel()

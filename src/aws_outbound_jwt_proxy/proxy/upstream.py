@@ -20,6 +20,8 @@ when the guard refused every address; callers map errors with
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
@@ -42,6 +44,7 @@ from .plan import Plan
 SHARDS = 8
 MAX_CONNECTIONS = 1024
 MAX_KEEPALIVE = 256
+MAX_PER_UPSTREAM = MAX_CONNECTIONS // 4  # one upstream never holds more than a quarter of the pool
 KEEPALIVE_EXPIRY = 60.0
 _NO_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
 _URL_CACHE_MAX = 1024
@@ -92,6 +95,67 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for shard in self._shards:
             await shard.aclose()
+
+
+class _Releasing(httpx.AsyncByteStream):
+    """A response body that gives its upstream slot back when closed (once)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._release is not None:
+                release, self._release = self._release, None
+                release()
+
+
+class PerUpstreamLimit(httpx.AsyncBaseTransport):
+    """At most ``limit`` requests in flight per upstream (scheme, host, port), body streaming included.
+
+    The connection pool is shared by every upstream; without this, one slow
+    target (say, 1,250 uploads dribbling bytes) takes every connection and all
+    other targets wait. A request over the limit waits for a slot (inside the
+    caller's --upstream-timeout), and a slot is held until the response is closed.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._limiters: dict[tuple[bytes, bytes, int | None], trio.CapacityLimiter] = {}
+
+    def _limiter(self, request: httpx.Request) -> trio.CapacityLimiter:
+        url = request.url
+        key = (url.raw_scheme, url.raw_host, url.port)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            if len(self._limiters) >= _URL_CACHE_MAX:  # forget idle upstreams
+                for idle in [k for k, lim in self._limiters.items() if lim.borrowed_tokens == 0]:
+                    del self._limiters[idle]
+            limiter = self._limiters[key] = trio.CapacityLimiter(self._limit)
+        return limiter
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        limiter, slot = self._limiter(request), object()
+        await limiter.acquire_on_behalf_of(slot)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException:
+            limiter.release_on_behalf_of(slot)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Releasing(response.stream, partial(limiter.release_on_behalf_of, slot))
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class EgressTransport(httpx.AsyncBaseTransport):
@@ -166,7 +230,7 @@ def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> ht
     if egress.https:
         proxied[_TUNNEL + egress.https] = _transport(tls, proxy_limits, TunnelBackend(egress.https, tls))
     client = httpx.AsyncClient(
-        transport=EgressTransport(direct, proxied),
+        transport=PerUpstreamLimit(EgressTransport(direct, proxied), MAX_PER_UPSTREAM),
         trust_env=False,  # proxies come from EgressProxies (Go's rules), never .netrc or SSL_CERT_*
         follow_redirects=False,
         cookies=NoCookies(),
