@@ -175,7 +175,9 @@ def test_client_bytes_during_refused_upgrade_never_kill_the_process(
     assert "Traceback" not in proc.stderr()
 
 
-async def test_early_client_bytes_still_end_the_session_upstream(ws_upstream: WsUpstream) -> None:
+async def test_early_client_bytes_still_end_the_session_upstream(
+    ws_upstream: WsUpstream, access_log: AccessLog
+) -> None:
     # Bytes before the 101 get hypercorn's own 400; the session must still end (and close upstream)
     # rather than wait forever for a client that hypercorn no longer reports on.
     async with running_proxy(proxy_settings(*HTTP), FixedTokens()) as url:
@@ -189,3 +191,5 @@ async def test_early_client_bytes_still_end_the_session_upstream(ws_upstream: Ws
                 await ws_upstream.closed.wait()
     assert first.startswith(b"HTTP/1.1 400 ")
     assert ws_upstream.close_codes == [1000]
+    (record,) = await access_log.wait_for(1)
+    assert record.__dict__["status"] == 400  # what the client saw, not the 101 the session sent

@@ -128,7 +128,8 @@ _EXPIRY_HELP = "Seconds until the current token of the audience set expires (0: 
 
 
 class TokenMetrics:
-    """Implements :class:`tokens.TokenObserver`; called from the supervisor task only.
+    """Implements :class:`tokens.TokenObserver`; called on the event loop's thread only
+    (from request tasks on a cache hit or miss, from fetch tasks when a fetch ends).
 
     ``token_expiry_seconds`` comes from ``Supervisor.snapshot`` (see :meth:`watch`),
     read on the event loop just before each scrape (:meth:`sync`). In multi-process

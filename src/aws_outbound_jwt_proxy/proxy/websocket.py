@@ -43,6 +43,9 @@ MAX_MESSAGE = 16 * 1024 * 1024  # larger upstream messages close with 1009
 QUEUE = 4  # upstream messages buffered before the reader stops reading (backpressure)
 CLOSE_TIMEOUT = 5.0
 BAD_GATEWAY = 1014  # the upstream went away without a close code we may send on
+# Scope key the server sets when it answered the handshake itself (early client bytes: 400),
+# whatever the session did: the status the client saw, for the access record.
+WS_ANSWERED_BY_SERVER = "aws_outbound_jwt_proxy.answered_by_server"
 
 
 def close_code(code: int | None) -> int:
@@ -107,6 +110,7 @@ class ProxyWebsocketConnection:
                 await _session(forwarder, plan, self.scope, receive, send, ex)
             ex.complete = True  # not reached when the session was cut (shutdown, cancellation)
         finally:
+            ex.status = self.scope.get(WS_ANSWERED_BY_SERVER, ex.status)
             forwarder.finish(ex)
 
 

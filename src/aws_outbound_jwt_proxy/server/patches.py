@@ -13,7 +13,7 @@ through ours so every stderr line is JSON in JSON mode.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import hypercorn.logging
 import hypercorn.protocol.h2
@@ -26,7 +26,11 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 
+from ..proxy.websocket import WS_ANSWERED_BY_SERVER
+
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
+
+ANSWERED_BY_SERVER = WS_ANSWERED_BY_SERVER  # scope key: the status hypercorn itself sent
 
 
 class GuardedTCPServer(TCPServer):
@@ -76,6 +80,9 @@ class GuardedWSStream(WSStream):
                 await super().handle(event)  # hypercorn's 400, then the stream counts as closed
             finally:
                 self.reader_answering = False
+            # The app may have "accepted" meanwhile (its messages were dropped): tell it what the
+            # client really got, for its access record, in the scope both share.
+            cast(dict[str, Any], self.scope)[ANSWERED_BY_SERVER] = 400
             if self.app_put is not None:  # hypercorn never tells the app; it would wait forever
                 await self.app_put({"type": "websocket.disconnect", "code": 1006})
         # else: client bytes while the handshake is being refused: nobody reads them
