@@ -13,7 +13,7 @@ import trio
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
 from tests.fixtures.proxy import AccessLog, FixedTokens, proxy_settings, running_proxy
-from tests.fixtures.upstreams import Silent, Upstream, serve_raw
+from tests.fixtures.upstreams import Silent, Upstream, read_request_head, serve_raw
 
 HTTP = ("--upstream-scheme", "http")
 GIB = 1 << 30
@@ -123,17 +123,6 @@ async def _measured(proxy: ProxyProcess, upstream_host: str) -> AsyncIterator[di
     )
 
 
-async def _read_request_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head, rest
-
-
 def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -152,7 +141,7 @@ async def test_1gb_upload_to_slow_upstream_keeps_rss_flat(
         """Reads requests; on the big one, stops reading for PAUSE s after 32 MB."""
         try:
             while True:
-                head, rest = await _read_request_head(stream)
+                head, rest = await read_request_head(stream)
                 length = _content_length(head)
                 got, paused = len(rest), length < 64 * MIB
                 while got < length:
@@ -198,7 +187,7 @@ async def test_1gb_download_to_slow_client_keeps_rss_flat(
     async def big_sender(stream: trio.SocketStream) -> None:
         try:
             while True:
-                head, _ = await _read_request_head(stream)
+                head, _ = await read_request_head(stream)
                 if b" /big " not in head.split(b"\r\n")[0]:
                     await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     continue
