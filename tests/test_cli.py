@@ -64,7 +64,7 @@ def help_text() -> str:
 
 def test_usage_lists_the_sub_commands(help_text: str) -> None:
     usage = help_text.split("\n\n", 1)[0]
-    assert "{sts-emulator,echo-upstream,demo,version}" in usage
+    assert "{sts-emulator,echo-upstream,demo,dev-ca,version}" in usage
     for name, (_, summary) in cli.COMMANDS.items():
         assert re.search(rf"^  {re.escape(name)} +{re.escape(summary)}$", help_text, re.M), name
 

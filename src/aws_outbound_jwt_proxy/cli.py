@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aws_outbound_jwt_proxy.devtools.demo:main",
         "emulator + verifying upstream + proxy, one request through",
     ),
+    "dev-ca": (
+        "aws_outbound_jwt_proxy.devtools.devca:main",
+        "create a local CA for HTTPS interception (--intercept-ca-cert)",
+    ),
     "version": ("aws_outbound_jwt_proxy.cli:version", "print the version and exit (also --version)"),
 }
 

@@ -5,7 +5,8 @@ env var names) plus our additions. Each row declares a setting once: its
 flag, env var, default, help and the parse function that checks the text and
 turns it into the value of its :class:`Settings` field(s). The same table
 builds ``--help``. Checks that need two values (TLS pair, skew < duration,
-metrics address ≠ listen address) run after that, in :func:`_check`.
+metrics address ≠ listen address, the interception CA pair and its allow-list)
+run after that, in :func:`_check`.
 
 Every failure is a :class:`ConfigError` naming what the user set (``--flag``
 or ``ENV_VAR``); the CLI prints it as one line and exits 2 before anything starts.
@@ -19,6 +20,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..intercept import ca
 from ..routing.egress import EgressConfigError, EgressProxies
 from ..routing.guard import DEFAULT_DENIED_CIDRS, IPNetwork, parse_cidrs
 from ..routing.target import parse_authority
@@ -148,6 +150,20 @@ def _ca_file(value: str) -> str:
     return path
 
 
+def _intercept_cert(value: str) -> str:
+    path = value.strip()
+    if path:
+        ca.read_certificate(path)  # ValueError: unreadable, not PEM, not a CA, expired
+    return path
+
+
+def _intercept_key(value: str) -> str:
+    path = value.strip()
+    if path:
+        ca.read_key(path)  # ValueError: unreadable, not PEM, encrypted
+    return path
+
+
 def _rate(value: str) -> float:
     text = value.strip()
     try:
@@ -194,6 +210,28 @@ TOKEN_REFRESH_SKEW = Flag(
 )
 TLS_CERT = Flag("tls-cert", "", _file, "PEM certificate for an HTTPS listener (with --tls-key)")
 TLS_KEY = Flag("tls-key", "", _file, "PEM private key for an HTTPS listener (with --tls-cert)")
+UPSTREAM_HOST = Flag(
+    "upstream-host",
+    "",
+    _upstream_host,
+    "pinned upstream host[:port]; when set the routing header is ignored",
+)
+ALLOWED_UPSTREAM_HOSTS = ListFlag(
+    "allowed-upstream-hosts",
+    "",
+    _allowed_hosts,
+    "header/Host routing and intercepted CONNECT: allowed targets (host, host:port, *.suffix); empty = any",
+)
+INTERCEPT_CA_CERT = Flag(
+    "intercept-ca-cert",
+    "",
+    _intercept_cert,
+    "PEM CA certificate: intercept HTTPS (CONNECT) to allowed hosts with leaves it signs "
+    "(with --intercept-ca-key; local development)",
+)
+INTERCEPT_CA_KEY = Flag(
+    "intercept-ca-key", "", _intercept_key, "PEM private key of --intercept-ca-cert; keep it private"
+)
 METRICS_ENABLED = Flag(
     "metrics-enabled", "true", values.boolean, "serve Prometheus metrics and health probes", boolean=True
 )
@@ -207,12 +245,7 @@ METRICS_LISTEN_ADDR = Flag(
 
 PROXY_FLAGS: tuple[flags.Row, ...] = (
     LISTEN_ADDR,
-    Flag(
-        "upstream-host",
-        "",
-        _upstream_host,
-        "pinned upstream host[:port]; when set the routing header is ignored",
-    ),
+    UPSTREAM_HOST,
     Flag("upstream-scheme", "https", _scheme, "scheme for the outbound call: http or https"),
     Flag(
         "host-header",
@@ -262,12 +295,7 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         values.duration(above=0),
         "a dynamic audience set unused this long is dropped",
     ),
-    ListFlag(
-        "allowed-upstream-hosts",
-        "",
-        _allowed_hosts,
-        "header/Host routing only: allowed targets (host, host:port, *.suffix); empty = any",
-    ),
+    ALLOWED_UPSTREAM_HOSTS,
     ListFlag(
         "denied-upstream-cidrs",
         ",".join(DEFAULT_DENIED_CIDRS),
@@ -280,6 +308,8 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         _ca_file,
         "PEM bundle that replaces the system trust store for upstream TLS",
     ),
+    INTERCEPT_CA_CERT,
+    INTERCEPT_CA_KEY,
     Flag(
         "read-header-timeout",
         "10s",
@@ -338,6 +368,8 @@ class Settings:
     allowed_upstream_hosts: tuple[str, ...]
     denied_upstream_cidrs: tuple[IPNetwork, ...]
     upstream_ca_file: str
+    intercept_ca_cert: str
+    intercept_ca_key: str
     read_header_timeout: float
     request_body_timeout: float
     shutdown_timeout: float
@@ -361,6 +393,11 @@ class Settings:
     def tls(self) -> bool:
         return self.tls_cert != ""
 
+    @property
+    def intercepting(self) -> bool:
+        """CONNECT to an allowed host is intercepted (TLS terminated with a leaf from the CA)."""
+        return self.intercept_ca_cert != ""
+
 
 # ---- values that must agree ------------------------------------------------------------
 
@@ -379,6 +416,9 @@ def _check(s: Settings, given: flags.Values) -> None:
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise ConfigError(given.name(TLS_CERT), f"cannot load certificate/key pair: {exc}") from None
 
+    if s.intercept_ca_cert or s.intercept_ca_key:
+        _check_interception(s, given)
+
     if s.token_refresh_skew >= s.token_duration:
         duration = f"{given.name(TOKEN_DURATION, like=TOKEN_REFRESH_SKEW)} ({values.show(s.token_duration)})"
         raise ConfigError(
@@ -396,6 +436,31 @@ def _check(s: Settings, given: flags.Values) -> None:
             given.name(METRICS_LISTEN_ADDR, like=LISTEN_ADDR),
             f"must differ from {given.name(LISTEN_ADDR, like=METRICS_LISTEN_ADDR)}",
         )
+
+
+def _check_interception(s: Settings, given: flags.Values) -> None:
+    cert, key = INTERCEPT_CA_CERT, INTERCEPT_CA_KEY
+    if bool(s.intercept_ca_cert) != bool(s.intercept_ca_key):
+        have, missing = (cert, key) if s.intercept_ca_cert else (key, cert)
+        raise ConfigError(
+            given.name(missing, like=have),
+            f"{given.name(cert, like=have)} and {given.name(key, like=have)} must be given together",
+        )
+    if s.pinned:
+        raise ConfigError(
+            given.name(cert),
+            f"cannot be combined with {given.name(UPSTREAM_HOST, like=cert)}: "
+            "interception forwards to the host each CONNECT names",
+        )
+    if not s.allowed_upstream_hosts:
+        raise ConfigError(
+            given.name(ALLOWED_UPSTREAM_HOSTS, like=cert),
+            f"required with {given.name(cert)}: interception only tunnels to allowed hosts",
+        )
+    try:
+        ca.load(s.intercept_ca_cert, s.intercept_ca_key)
+    except ca.CAError as exc:
+        raise ConfigError(given.name(cert if exc.which == "cert" else key), str(exc)) from None
 
 
 # ---- entry points ----------------------------------------------------------------------
