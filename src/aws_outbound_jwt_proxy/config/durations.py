@@ -14,7 +14,8 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")  # ASCII digits only, as Go
+MAX_SECONDS = (2**63 - 1) / 1e9  # Go durations are int64 nanoseconds (~292 years)
 
 
 def parse_duration(text: str) -> float:
@@ -41,4 +42,6 @@ def parse_duration(text: str) -> float:
         pos = m.end()
     if pos == 0:
         raise ValueError(f"invalid duration {text!r}")
+    if total > MAX_SECONDS:
+        raise ValueError(f"duration {text!r} out of range")
     return sign * total

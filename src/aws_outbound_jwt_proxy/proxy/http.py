@@ -41,6 +41,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, request.body, nursery.cancel_scope, ex)
                 response = await self.app.handle_request(request)
+                ex.target, ex.token_result = request.target, request.token_result
                 if isinstance(response, ProxyResponse):
                     _record(ex, response)
                 if not ex.client_gone:

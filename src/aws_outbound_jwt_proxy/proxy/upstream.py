@@ -48,6 +48,10 @@ MAX_PER_UPSTREAM = MAX_CONNECTIONS // 4  # one upstream never holds more than a 
 KEEPALIVE_EXPIRY = 60.0
 _NO_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
 _URL_CACHE_MAX = 1024
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_REPLAY_ATTEMPTS = 3
+# A connection that ended before any response byte (e.g. the upstream's idle close raced the request).
+_CLOSED_UNDER_US = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _TUNNEL = "tunnel:"  # egress_proxy extension prefix: a CONNECT tunnel through that proxy
 
 
@@ -75,6 +79,15 @@ class NoClientCookies(httpx.Cookies):
         pass
 
 
+def _replayable(request: httpx.Request) -> bool:
+    headers = request.headers
+    return (
+        request.method in _REPLAYABLE
+        and "content-length" not in headers
+        and "transfer-encoding" not in headers
+    )
+
+
 class ShardedTransport(httpx.AsyncBaseTransport):
     """Round-robin over several independent httpcore pools.
 
@@ -90,7 +103,18 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self._next = (self._next + 1) % len(self._shards)
-        return await self._shards[self._next].handle_async_request(request)
+        shard = self._shards[self._next]
+        if not _replayable(request):
+            return await shard.handle_async_request(request)
+        # A pooled keep-alive connection the upstream closed just as the request went out (its
+        # idle timeout racing us) fails before any response byte. A body-less idempotent request
+        # is sent again on the same pool, which has dropped that connection, as Go does.
+        for _ in range(_REPLAY_ATTEMPTS - 1):
+            try:
+                return await shard.handle_async_request(request)
+            except _CLOSED_UNDER_US:
+                pass
+        return await shard.handle_async_request(request)
 
     async def aclose(self) -> None:
         for shard in self._shards:
@@ -267,7 +291,8 @@ class Upstream:
 
     def route(self, target: Target) -> tuple[httpx.URL, str | None]:
         """The target's base URL and the egress proxy to use for it (None: direct). Cached."""
-        route = self._routes.get(target.authority)
+        # Keyed by scheme too: an intercepted https target may share its authority with an http one.
+        route = self._routes.get(target.base_url)
         if route is None:
             if len(self._routes) >= _URL_CACHE_MAX:
                 self._routes.clear()
@@ -275,7 +300,7 @@ class Upstream:
             proxy = self.egress.proxy_for(target)
             if proxy is not None and target.scheme == "https":
                 proxy = _TUNNEL + proxy
-            route = self._routes[target.authority] = (url, proxy)
+            route = self._routes[target.base_url] = (url, proxy)
         return route
 
     async def send(self, method: str, plan: Plan, body: RequestBody) -> httpx.Response:

@@ -43,7 +43,10 @@ def _env_any(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
 
 def _proxy_url(name: str, value: str) -> str:
     url = value if "://" in value else "http://" + value
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise EgressConfigError(f"{name}: invalid proxy URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
         raise EgressConfigError(
             f"{name}: unsupported proxy scheme {parts.scheme!r} (use http:// or https://)"
@@ -90,13 +93,17 @@ def _split_host_port(entry: str) -> tuple[str, int | None]:
     if entry.startswith("["):
         end = entry.find("]")
         rest = entry[end + 1 :]
-        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        port = int(rest[1:]) if rest.startswith(":") and _is_port(rest[1:]) else None
         return entry[1:end], port
     if entry.count(":") == 1:
         host, _, port_text = entry.partition(":")
-        if port_text.isdigit():
+        if _is_port(port_text):
             return host, int(port_text)
     return entry, None
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5
 
 
 def _no_proxy_rules(value: str) -> tuple[bool, tuple[_NoProxyRule, ...]]:
