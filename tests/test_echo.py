@@ -13,12 +13,14 @@ import hmac
 import json
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +32,7 @@ from aws_outbound_jwt_proxy.config.flags import ConfigError
 from aws_outbound_jwt_proxy.devtools import echo, verify
 from tests.fixtures.echo import EchoFactory, EchoUpstream, start_echo
 from tests.fixtures.emulator import EmulatorProcess, StsEmulator
-from tests.fixtures.upstreams import refused_port
+from tests.fixtures.upstreams import make_tls, refused_port
 
 AUDIENCE = "https://api.example.com"
 # Anything shaped like a compact JWS (header.payload.signature); a log line must never hold one.
@@ -205,6 +207,19 @@ def test_echo_over_http2_cleartext(echo_upstream: EchoFactory) -> None:
     assert doc["body"] == {"length": 7, "sha256": hashlib.sha256(b"h2 body").hexdigest()}
 
 
+def test_echo_over_https_h2_and_http11(echo_upstream: EchoFactory, tmp_path: Path) -> None:
+    ca, cert, key = make_tls(tmp_path)
+    upstream = echo_upstream(None, None, "--tls-cert", cert, "--tls-key", key)
+    assert upstream.url.startswith("https://127.0.0.1:")
+    for http2, version in ((True, "HTTP/2"), (False, "HTTP/1.1")):
+        with httpx.Client(
+            base_url=upstream.url, verify=ssl.create_default_context(cafile=ca), http2=http2
+        ) as c:
+            response = c.get("/tls?x=1")
+        assert (response.status_code, response.http_version) == (200, version)
+        assert response.json()["target"] == "/tls?x=1"
+
+
 async def test_serve_in_process_reports_its_url_and_stops_on_cancel(issuer: Issuer) -> None:
     options = echo.Options(port=0, issuer=issuer.url, audience=AUDIENCE)
     async with trio.open_nursery() as nursery:
@@ -314,6 +329,9 @@ def test_load_defaults_and_env_fallback() -> None:
         (["--leeway", "2h"], "--leeway"),
         (["--log-level", "loud"], "--log-level"),
         (["--log-format", "xml"], "--log-format"),
+        (["--tls-cert", "/nonexistent.pem"], "--tls-cert"),
+        (["--tls-cert", __file__], "--tls-key"),  # the pair, both or neither
+        (["--tls-cert", __file__, "--tls-key", __file__], "--tls-cert"),  # not PEM
     ],
 )
 def test_load_rejects_bad_flags(argv: list[str], flag: str) -> None:

@@ -9,6 +9,8 @@ below Quart's routing; Quart still runs the lifespan). With ``--issuer`` the
 bearer token is checked by :class:`~.verify.Verifier` first: invalid or missing
 → 401 ``{"error": "invalid_token", "reason": ...}``, valid → the claims are
 echoed too. One log line per request shows Host and a truncated credential.
+With ``--tls-cert``/``--tls-key`` it serves HTTPS (HTTP/2 and HTTP/1.1 by ALPN),
+as the upstream of an intercepted tunnel must.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -75,12 +78,25 @@ AUDIENCE = Flag(
     _audience,
     "with --issuer: aud must contain this; empty = any aud, but aud must be present",
 )
+
+
+def _file(value: str) -> str:
+    path = value.strip()
+    if path and not os.path.isfile(path):
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+TLS_CERT = Flag("tls-cert", "", _file, "PEM certificate: serve HTTPS (with --tls-key)")
+TLS_KEY = Flag("tls-key", "", _file, "PEM private key of --tls-cert")
 FLAGS: tuple[flags.Row, ...] = flags.prefixed(
     "ECHO_UPSTREAM_",
     (
         LISTEN_ADDR,
         ISSUER,
         AUDIENCE,
+        TLS_CERT,
+        TLS_KEY,
         Flag(
             "leeway",
             "60s",
@@ -103,6 +119,8 @@ class Options:
     issuer: str | None = None
     audience: str | None = None
     leeway: float = 60.0
+    tls_cert: str = ""  # with tls_key: serve HTTPS
+    tls_key: str = ""
 
 
 # ---- configuration -------------------------------------------------------
@@ -114,6 +132,17 @@ def load(argv: Sequence[str], env: Mapping[str, str]) -> tuple[Options, str, str
     options = given.build(Options)
     if options.audience is not None and options.issuer is None:
         raise ConfigError(given.name(AUDIENCE), f"only makes sense with {given.name(ISSUER, like=AUDIENCE)}")
+    if bool(options.tls_cert) != bool(options.tls_key):
+        have, missing = (TLS_CERT, TLS_KEY) if options.tls_cert else (TLS_KEY, TLS_CERT)
+        cert, key = given.name(TLS_CERT, like=have), given.name(TLS_KEY, like=have)
+        raise ConfigError(given.name(missing, like=have), f"{cert} and {key} must be given together")
+    if options.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                options.tls_cert, options.tls_key
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(given.name(TLS_CERT), f"cannot load certificate/key pair: {exc}") from None
     fields = given.fields()
     return options, fields["log_level"], fields["log_format"]
 
@@ -260,14 +289,17 @@ class EchoApp(QuartTrio):
 
 
 async def serve(options: Options, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind, report the real base URL (``http://127.0.0.1:PORT``) via task_status, serve until cancelled."""
+    """Bind, report the base URL (``http(s)://127.0.0.1:PORT``) via task_status, serve until cancelled."""
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
         verifier = None
         if options.issuer is not None:
             verifier = Verifier(options.issuer, options.audience, options.leeway, http)
         app = EchoApp(verifier)
         async with trio.open_nursery() as nursery:
-            config = hypercorn_config(options.host, options.port)  # no access log: EchoApp logs each request
+            # No access log: EchoApp logs each request.
+            config = hypercorn_config(
+                options.host, options.port, certfile=options.tls_cert, keyfile=options.tls_key
+            )
             config.include_server_header = config.include_date_header = True  # a plain server's headers
             binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
             url = binds[0]
