@@ -5,25 +5,33 @@ handlers, response objects), with the parts that are wrong for a proxy
 replaced: URL matching is skipped (every request is forwarded, raw path kept),
 the request body streams with backpressure and the response has no timeout
 (:mod:`.http`, :mod:`.body`), websockets are relayed (:mod:`.websocket`).
+With ``--intercept-ca-cert`` the app offers CONNECT interception to the
+server through the lifespan state (:mod:`.tunnel`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
 from ..config.settings import Settings
+from ..intercept import ca
 from ..routing.guard import Listener
 from ..tokens.supervisor import TokenSource
 from .body import ProxyRequest, ProxyResponse
 from .exchange import NullObserver, RequestObserver
 from .forward import Forwarder
 from .http import ProxyHTTPConnection
+from .tunnel import INTERCEPTION, Interception
 from .websocket import ProxyWebsocketConnection
+
+log = logging.getLogger("aws_outbound_jwt_proxy.serve")
 
 
 class ProxyApp(QuartTrio):
@@ -32,6 +40,17 @@ class ProxyApp(QuartTrio):
     asgi_websocket_class = ProxyWebsocketConnection  # type: ignore[assignment]
     request_class = ProxyRequest
     forwarder: Forwarder
+    interception: Interception | None = None
+
+    async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan" and self.interception is not None:
+            # The server copies this state into every connection's: that is how it finds the offer.
+            state = scope.get("state")
+            if isinstance(state, dict):
+                state[INTERCEPTION] = self.interception
+            else:
+                log.warning("the ASGI server keeps no lifespan state: CONNECT is not intercepted")
+        await super().asgi_app(scope, receive, send)
 
     def create_url_adapter(self, request: Any) -> Any:
         # No URL map for requests: every path is proxied as is (no slash merging,
@@ -64,6 +83,9 @@ def create_app(
     )
     forwarder = Forwarder(settings, tokens, observer or NullObserver(), listeners)
     app.forwarder = forwarder
+    if settings.intercepting:  # the pair was checked with the settings
+        issuer = ca.load(settings.intercept_ca_cert, settings.intercept_ca_key)
+        app.interception = Interception(forwarder.planner, ca.LeafContexts(issuer))
 
     @app.before_serving
     async def open_client() -> None:

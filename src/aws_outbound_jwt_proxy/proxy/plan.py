@@ -4,6 +4,11 @@
 (where to send it, with which headers, the bearer token included) or a
 :class:`~.exchange.Refusal` (what the proxy answers itself). Nothing here talks
 to the upstream; the token source is the only thing awaited.
+
+A request that arrived inside an intercepted ``CONNECT`` tunnel carries the
+tunnel's target in its connection state (``scope["state"][TUNNEL]``, put
+there by the server when it opened the tunnel after :meth:`Planner.admit`):
+that target is the upstream, over https, and the routing header is ignored.
 """
 
 from __future__ import annotations
@@ -56,6 +61,27 @@ CONNECT_NOT_SUPPORTED = (
     "CONNECT is not supported: send plain http:// URLs through this proxy "
     "(HTTP_PROXY=http://<this proxy>); it sends them upstream over --upstream-scheme\n"
 )
+CONNECT_NOT_FIRST = "CONNECT is intercepted only as the first request of a new HTTP/1.1 connection\n"
+CONNECT_IN_TUNNEL = "CONNECT inside an intercepted tunnel is not supported\n"
+
+# Key in the per-connection state hypercorn copies into every request's ``scope["state"]``:
+# the Target of the intercepted CONNECT tunnel the request came through. Only the server sets it.
+TUNNEL = "aws_outbound_jwt_proxy.tunnel"
+
+
+def tunnel_target(scope: Any) -> Target | None:
+    """The target of the intercepted tunnel this request arrived through, if any."""
+    state = scope.get("state")
+    target = state.get(TUNNEL) if isinstance(state, dict) else None
+    return target if isinstance(target, Target) else None
+
+
+def connect_authority(scope: Any) -> str:
+    """The ``host:port`` of a CONNECT request (its request target; for HTTP/2, ``:authority``)."""
+    raw: bytes = scope.get("raw_path") or b""
+    if not raw:
+        raw = next((value for name, value in scope["headers"] if name == b"host"), b"")
+    return raw.decode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +146,12 @@ def client_ip(scope: Any) -> bytes | None:
     return str(client[0]).encode("ascii", "replace")
 
 
+def _log_denied(refusal: Refusal) -> None:
+    if refusal.denied == DENIED_CIDR and refusal.target is not None:
+        fields = {"target": refusal.target.authority, "reason": DENIED_CIDR}
+        log.warning("upstream address denied", extra=fields)
+
+
 class Planner:
     """Built once per app from the settings and the token source; :meth:`plan` runs per request."""
 
@@ -130,13 +162,50 @@ class Planner:
         self.guard_literals = guard.active and not settings.pinned
         self.resolver = audience.Resolver(settings.token_audiences)
         self.tokens = tokens
+        self.intercepting = settings.intercepting
         header = settings.host_header.lower().encode("latin-1")
         # Header mode drops its routing header; Host mode rewrites Host anyway.
         self.drop: bytes | None = None if settings.pinned or header == b"host" else header
 
-    async def plan(self, scope: Any, *, websocket: bool = False) -> Plan | Refusal:
-        if scope.get("method") == "CONNECT":
+    def admit(self, authority: str, server: tuple[str, int] | None) -> Target | Refusal:
+        """The upstream of ``CONNECT authority`` if it may be intercepted, else the refusal to answer.
+
+        The allow-list, the loop checks and the SSRF guard's check of a literal
+        address, as for any routed request; a name is checked again, address by
+        address, when each request in the tunnel connects.
+        """
+        try:
+            target = self.router.connect(authority, server)
+        except RouteError as err:
+            return Refusal(err.status, err.body, denied=DENIED_ALLOW_LIST if err.status == 403 else None)
+        return self._literal_refusal(target) or target
+
+    def _literal_refusal(self, target: Target) -> Refusal | None:
+        if not self.guard_literals:
+            return None
+        own = self.guard.own_literal(target.host, target.effective_port)
+        if own is not None:
+            return own_listener_refusal(own, target)
+        if self.guard.denied_literal(target.host):
+            return Refusal(403, NOT_ALLOWED, target, denied=DENIED_CIDR)
+        return None
+
+    def _connect(self, scope: Any, tunnel: Target | None) -> Refusal:
+        """A CONNECT that reached the app: never tunnelled here (the server takes the ones it may)."""
+        if tunnel is not None:
+            return Refusal(405, CONNECT_IN_TUNNEL, tunnel)
+        if not self.intercepting:
             return Refusal(405, CONNECT_NOT_SUPPORTED)
+        admitted = self.admit(connect_authority(scope), server_address(scope))
+        if isinstance(admitted, Refusal):
+            _log_denied(admitted)
+            return admitted
+        return Refusal(400, CONNECT_NOT_FIRST, admitted)
+
+    async def plan(self, scope: Any, *, websocket: bool = False) -> Plan | Refusal:
+        tunnel = tunnel_target(scope)
+        if scope.get("method") == "CONNECT":
+            return self._connect(scope, tunnel)
         if _came_through_us(scope["headers"]):
             log.warning("request loop: our Via marker came back", extra={"via": VIA.decode()})
             return Refusal(508, LOOP)
@@ -144,18 +213,17 @@ class Planner:
         if request is None:
             return Refusal(400, BAD_TARGET)
         path, absolute = request
-        try:
-            target = self.router.resolve(scope["headers"], server_address(scope), absolute=absolute)
-        except RouteError as err:
-            return Refusal(err.status, err.body, denied=DENIED_ALLOW_LIST if err.status == 403 else None)
-        if self.guard_literals:
-            own = self.guard.own_literal(target.host, target.effective_port)
-            if own is not None:
-                return own_listener_refusal(own, target)
-            if self.guard.denied_literal(target.host):
-                fields = {"target": target.authority, "reason": DENIED_CIDR}
-                log.warning("upstream address denied", extra=fields)
-                return Refusal(403, NOT_ALLOWED, target, denied=DENIED_CIDR)
+        if tunnel is not None:
+            target = tunnel  # admitted when the tunnel opened; the routing header and URL are not read
+        else:
+            try:
+                target = self.router.resolve(scope["headers"], server_address(scope), absolute=absolute)
+            except RouteError as err:
+                return Refusal(err.status, err.body, denied=DENIED_ALLOW_LIST if err.status == 403 else None)
+        refusal = self._literal_refusal(target)
+        if refusal is not None:
+            _log_denied(refusal)
+            return refusal
         try:
             audiences = self.resolver.for_target(target)
         except Exception as exc:

@@ -136,6 +136,27 @@ class Router:
             raise RouteError(508, "loop detected: the upstream is this proxy\n")
         return target
 
+    def connect(self, authority: str, server: tuple[str, int] | None = None) -> Target:
+        """The upstream of an intercepted ``CONNECT host:port``, or :class:`RouteError`.
+
+        Always ``https`` (the client speaks TLS in the tunnel), whatever the
+        routing scheme; port 443 is dropped like any scheme-default port. Only
+        hosts on the allow-list qualify, and an empty list allows nothing here.
+        """
+        try:
+            target = parse_authority("https", authority)
+        except ValueError as exc:
+            raise RouteError(400, f"invalid CONNECT target: {exc}\n") from None
+        if target.port is None:
+            raise RouteError(400, "invalid CONNECT target: host:port expected\n")
+        if target.default_port:
+            target = Target(scheme="https", host=target.host, port=None, authority=target.host)
+        if not self.allowed or not host_allowed(target, self.allowed):
+            raise RouteError(403, "upstream not allowed\n")
+        if server is not None and is_self(target, server):
+            raise RouteError(508, "loop detected: the upstream is this proxy\n")
+        return target
+
     def _header_value(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
         """The routing header's value (None when absent or blank); 400 when sent twice, differently."""
         wanted = self.header

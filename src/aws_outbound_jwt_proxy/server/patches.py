@@ -8,6 +8,10 @@ the version pins in pyproject.toml (hypercorn < 0.19) can be lifted then.
 The third one is not a bug but a missing hook: under the ``hypercorn`` command
 its ``-`` (stderr) loggers get a line format of their own; we route them
 through ours so every stderr line is JSON in JSON mode.
+
+``GuardedTCPServer`` is also where CONNECT interception starts, when the app
+offers it (:mod:`.tunnel`): the one place that sees a connection before
+hypercorn's HTTP code does.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 
+from ..proxy.tunnel import Interception, offered
 from ..proxy.websocket import WS_ANSWERED_BY_SERVER
+from . import tunnel
 
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
 
@@ -39,11 +45,18 @@ class GuardedTCPServer(TCPServer):
     hypercorn lets an unexpected exception in a connection's reader escape its
     serve loop, which stops the whole server (pgjones/hypercorn#225): one
     misbehaving client must never take the proxy down.
+
+    When the app offers CONNECT interception, the connection's first request
+    head is read here first (:func:`.tunnel.open_connection`); inside an
+    intercepted tunnel hypercorn then serves the TLS stream, with the tunnel's
+    target in the connection state.
     """
 
     async def run(self) -> None:
         try:
-            await super().run()
+            interception = offered(self.state)
+            if interception is None or await self._open(interception):
+                await super().run()
         except Exception as exc:  # not Cancelled: shutdown still propagates
             log.error("connection failed", extra={"error_class": type(exc).__name__})
             with trio.CancelScope(shield=True):
@@ -51,6 +64,18 @@ class GuardedTCPServer(TCPServer):
                     await self.stream.aclose()
                 except Exception:
                     pass
+
+    async def _open(self, interception: Interception) -> bool:
+        """Take a CONNECT tunnel if this connection starts with one; False: nothing left to serve."""
+        opened = await tunnel.open_connection(self.stream, interception, self.config, self.context.terminated)
+        if opened is None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+            return False
+        self.stream = opened.stream  # type: ignore[assignment]  # hypercorn serves any trio stream
+        if opened.target is not None:
+            self.state = interception.tunnel_state(self.state, opened.target)
+        return True
 
 
 class GuardedWSStream(WSStream):

@@ -205,6 +205,7 @@ def startup_fields(settings: Settings) -> dict[str, object]:
         "egress_http_proxy": redact(egress.http) if egress.http and not egress.no_proxy_all else "",
         "egress_https_proxy": redact(egress.https) if egress.https and not egress.no_proxy_all else "",
         "denied_upstream_cidrs": [str(n) for n in settings.denied_upstream_cidrs],
+        "intercept_connect": settings.intercepting,  # CONNECT to allowed hosts is intercepted
     }
 
 
