@@ -270,6 +270,7 @@ def test_dev_ca_creates_a_constrained_ca_the_proxy_accepts(tmp_path: Path) -> No
         f"security add-trusted-cert -r trustRoot -k ~/Library/Keychains/login.keychain-db {cert}",
         "sudo update-ca-certificates",
         f"export SSL_CERT_FILE={cert}",
+        f"export CURL_CA_BUNDLE={cert}",
         f"export REQUESTS_CA_BUNDLE={cert}",
         f"export NODE_EXTRA_CA_CERTS={cert}",
         f"--intercept-ca-cert {cert} --intercept-ca-key {key}",
