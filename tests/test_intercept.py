@@ -360,7 +360,14 @@ async def test_connect_inside_the_tls_listener(
     (tmp_path / "listener").mkdir()
     listener_ca, cert, key = make_tls(tmp_path / "listener")  # the proxy's own HTTPS listener
     patches.install()  # as the serving code does
-    app = create_app(intercepting(intercept_ca, tls_upstream.ca_file), tokens)
+    settings = proxy_settings(
+        *intercept_ca.flags(),
+        "--upstream-ca-file",
+        tls_upstream.ca_file,
+        "--allowed-upstream-hosts",
+        "localhost",
+    )
+    app = create_app(settings, tokens)
     cfg = hypercorn_config("127.0.0.1", 0, certfile=cert, keyfile=key, graceful_timeout=1.0)
     port = port_of(tls_upstream.url)
     async with trio.open_nursery() as nursery:
@@ -379,10 +386,15 @@ async def test_connect_inside_the_tls_listener(
             head, rest = await read_request_head(inner)  # type: ignore[arg-type]
         assert head.startswith(b"HTTP/1.1 200 "), head
         await trio.aclose_forcefully(inner)
+        # An ordinary request on the TLS listener is served as ever (the bytes read are put back).
+        verify = trusting(listener_ca)
+        async with httpx.AsyncClient(verify=verify, trust_env=False, timeout=30) as http:
+            plain = await http.get(f"{url}/plain-on-tls", headers={"X-Upstream-Host": f"localhost:{port}"})
+        assert (plain.status_code, plain.http_version) == (200, "HTTP/1.1"), plain.text
         nursery.cancel_scope.cancel()
-    [seen] = tls_upstream.state.requests
-    assert seen["raw_path"] == "/tls-in-tls"
-    assert header(seen, "authorization") == [f"Bearer {FAKE_JWT}"]
+    assert [r["raw_path"] for r in tls_upstream.state.requests] == ["/tls-in-tls", "/plain-on-tls"]
+    for seen in tls_upstream.state.requests:
+        assert header(seen, "authorization") == [f"Bearer {FAKE_JWT}"]
 
 
 async def test_a_tunnel_never_reuses_an_http_route_to_the_same_authority(
@@ -520,3 +532,16 @@ def test_hypercorn_command_intercepts_end_to_end(
         server.wait_for(lambda r: r.get("msg") == "request" and r.get("status") == 200)
     finally:
         server.kill()
+
+
+async def test_a_stalled_connect_head_is_cut_off_by_the_header_timeout(
+    intercept_ca: InterceptCA, tls_upstream: Upstream, tokens: FixedTokens
+) -> None:
+    settings = intercepting(intercept_ca, tls_upstream.ca_file, "--read-header-timeout", "200ms")
+    async with running_proxy(settings, tokens) as url:
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
+        async with stream:
+            await stream.send_all(b"CONNECT localhost:")  # and never the rest
+            with trio.fail_after(5):
+                assert await stream.receive_some(1024) == b""  # closed, no answer
+    assert tokens.asked == []

@@ -107,7 +107,7 @@ async def _read_head(stream: trio.abc.Stream) -> bytes:
         if not chunk:
             return data
         data += chunk
-        if not data[: len(CONNECT)] == CONNECT[: len(data)]:
+        if data[: len(CONNECT)] != CONNECT[: len(data)]:
             return data  # not CONNECT
         if len(data) >= len(CONNECT) and (any(end in data for end in _END) or len(data) > MAX_HEAD):
             return data
