@@ -19,7 +19,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ import pytest
 import trio
 
 from tests.fixtures.emulator import StsEmulator
-from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
+from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env, memory
 from tests.fixtures.upstreams import Silent, Upstream, serve_raw
 
 HTTP = ("--upstream-scheme", "http")
@@ -294,15 +293,6 @@ async def big_upstream(nursery: trio.Nursery, total: int) -> BigUpstream:
     return up
 
 
-def _memory(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            name, value = line.split(":", 1)
-            out[name] = int(value.split()[0]) * 1024
-    return out
-
-
 async def test_slow_client_download_backpressures_the_upstream_with_bounded_memory(
     nursery: trio.Nursery, sts_emulator: StsEmulator, proxy_process: ProxyFactory
 ) -> None:
@@ -314,7 +304,7 @@ async def test_slow_client_download_backpressures_the_upstream_with_bounded_memo
         with trio.fail_after(10):
             assert (await client.get(proxy.url + "/warm", headers=routed(big.host))).text == "ok"
         await trio.Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
-        baseline = _memory(pid)["VmRSS"]
+        baseline = memory(pid)["VmRSS"]
         got = 0
         with trio.fail_after(60):
             async with client.stream("GET", proxy.url + "/big", headers=routed(big.host)) as r:
@@ -325,14 +315,14 @@ async def test_slow_client_download_backpressures_the_upstream_with_bounded_memo
                 # The client stops reading: the upstream's writes must block, with little buffered.
                 await big.blocked.wait()
                 sent_while_blocked = big.sent
-                peak_while_blocked = _memory(pid)["VmHWM"] - baseline
+                peak_while_blocked = memory(pid)["VmHWM"] - baseline
                 async for chunk in chunks:
                     got += len(chunk)
     assert got == total and big.sent == total
     # Kernel socket buffers on both sides plus the proxy's own: a few MiB, not the whole body.
     assert sent_while_blocked < 48 * MIB, sent_while_blocked
     assert peak_while_blocked < 32 * MIB, peak_while_blocked
-    assert _memory(pid)["VmHWM"] - baseline < 32 * MIB
+    assert memory(pid)["VmHWM"] - baseline < 32 * MIB
 
 
 # ---- shutdown ------------------------------------------------------------------------------------

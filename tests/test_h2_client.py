@@ -27,6 +27,7 @@ import hypercorn.protocol.h2
 import pytest
 import trio
 
+from tests.fixtures.process import memory
 from tests.fixtures.upstreams import serve_raw
 
 Headers = list[tuple[bytes, bytes]]
@@ -45,15 +46,6 @@ def serve_h2_with(monkeypatch: pytest.MonkeyPatch, protocol: type, buffer: type)
 
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            name, value = line.split(":", 1)
-            out[name] = int(value.split()[0]) * 1024
-    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -75,11 +67,11 @@ class Peak:
 
     def __enter__(self) -> Peak:
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.baseline = _status(self.pid)["VmRSS"]
+        self.baseline = memory(self.pid)["VmRSS"]
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.peak = _status(self.pid)["VmHWM"]
+        self.peak = memory(self.pid)["VmHWM"]
 
 
 @dataclass

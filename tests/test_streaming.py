@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from tests.fixtures.emulator import StsEmulator
-from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
+from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env, memory
 from tests.fixtures.proxy import AccessLog, FixedTokens, proxy_settings, running_proxy
 from tests.fixtures.upstreams import Silent, Upstream, read_request_head, serve_raw
 
@@ -86,15 +85,6 @@ async def test_client_disconnect_during_upload_closes_upstream(nursery: trio.Nur
 # ---- 1 GB through a proxy in a child process, peak RSS sampled from /proc ----------------------
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            name, value = line.split(":", 1)
-            out[name] = int(value.split()[0]) * 1024
-    return out
-
-
 @pytest.fixture
 def real_proxy(proxy_process: ProxyFactory, sts_emulator: StsEmulator) -> ProxyProcess:
     """The real proxy process (tokens from the STS emulator), for RSS measurements."""
@@ -111,11 +101,11 @@ async def _measured(proxy: ProxyProcess, upstream_host: str) -> AsyncIterator[di
             await client.post(url + "/warm", headers={"X-Upstream-Host": upstream_host}, content=b"w" * MIB)
     with open(f"/proc/{pid}/clear_refs", "w") as f:  # noqa: ASYNC230 (procfs write, instant)
         f.write("5")  # reset VmHWM to the current RSS
-    numbers = {"baseline": _status(pid)["VmRSS"]}
+    numbers = {"baseline": memory(pid)["VmRSS"]}
     start = trio.current_time()
     yield numbers
     numbers["seconds"] = int(trio.current_time() - start)
-    numbers["peak"] = _status(pid)["VmHWM"]
+    numbers["peak"] = memory(pid)["VmHWM"]
     numbers["growth"] = numbers["peak"] - numbers["baseline"]
     print(
         f"RSS baseline {numbers['baseline'] / MIB:.1f} MiB, peak {numbers['peak'] / MIB:.1f} MiB, "
