@@ -52,3 +52,8 @@ demo *args:
 emulator *args:
     ./scripts/setup
     .venv/bin/aws-outbound-jwt-proxy sts-emulator "$@"
+
+# Soak the real proxy under mixed load, 10 min by default; not in CI (just soak --minutes 1)
+soak *args:
+    ./scripts/setup
+    .venv/bin/python bench/soak.py "$@"
