@@ -1,5 +1,5 @@
 # Tasks for aws-outbound-jwt-proxy. Every recipe creates .venv first (scripts/setup) and uses only
-# the tools inside it; `bench` also installs wrk and nginx with apt-get when they are missing.
+# the tools inside it; `bench` also installs wrk, nginx and h2load with apt-get when they are missing.
 # `just` itself comes with the test extras: ./scripts/setup puts it at .venv/bin/just.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
@@ -26,18 +26,19 @@ fmt:
     .venv/bin/ruff check --fix src tests bench
     .venv/bin/ruff format src tests bench
 
-# Benchmark the proxy against nginx and a bare hypercorn-trio app (just bench --duration 4 --rows hello)
+# Benchmark the proxy against nginx, nginx proxy_pass and a bare hypercorn-trio app (just bench --duration 4 --rows proxy,hello)
 bench *args: _bench-tools
     ./scripts/setup
     .venv/bin/python bench/run.py "$@"
 
-# Install wrk and nginx from Debian when missing (needs root)
+# Install wrk, nginx and h2load (nghttp2-client) from Debian when missing (needs root)
 _bench-tools:
     #!/usr/bin/env bash
     set -euo pipefail
     missing=()
     command -v wrk >/dev/null || missing+=(wrk)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    command -v h2load >/dev/null || missing+=(nghttp2-client)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bench: installing ${missing[*]} with apt-get" >&2
         apt-get update -q
