@@ -400,7 +400,7 @@ async def worker(load: Load, client: httpx.AsyncClient, h2: bool, seed: int, dea
                 load.bad(kind, f"{type(exc).__name__}: {exc}")
         if scope.cancelled_caught:
             load.done[kind] += 1
-            load.bad(kind, f"no answer within {OP_TIMEOUT:g} s")
+            load.bad(kind, f"no answer within {OP_TIMEOUT:g} s" + (" (h2c)" if h2 else " (HTTP/1.1)"))
 
 
 @dataclass
