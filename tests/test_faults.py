@@ -411,13 +411,6 @@ async def test_get_on_a_keepalive_connection_the_upstream_just_closed_is_retried
 # ---- client going away ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hypercorn 0.18 (server/patches.py GuardedTCPServer runs its TCPServer.run): on the client's "
-    "FIN while the connection is idle, h11 reports ConnectionClosed and hypercorn only stops reading; "
-    "the socket stays in CLOSE_WAIT until the keep-alive timer (--read-header-timeout, 10 s) fires. "
-    "The soak saw up to ~20 such fds after its clients closed",
-)
 async def test_client_closing_an_idle_connection_is_closed_promptly(
     sts_emulator: StsEmulator, proxy_process: ProxyFactory
 ) -> None:

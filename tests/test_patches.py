@@ -139,3 +139,42 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for e in exc.exceptions for leaf in _leaves(e)]
     return [exc]
+
+
+async def _idle_connection_closed_after_fin(monkeypatch: pytest.MonkeyPatch, server: type[TCPServer]) -> bool:
+    """Serve with ``server``; a client connects and sends FIN at once: is it closed within 1 s?"""
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", server)
+    cfg = hypercorn_config("127.0.0.1", 0, read_header_timeout=30.0)
+    sockets = bind(cfg, "test")
+    port = sockets.insecure_sockets[0].getsockname()[1]
+    stop = trio.Event()
+    closed = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: worker_serve(
+                _rejecting_app, cfg, sockets=sockets, shutdown_trigger=stop.wait, task_status=task_status
+            )
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_eof()
+        with trio.move_on_after(1.0):
+            while await stream.receive_some(1024):
+                pass
+            closed = True
+        await stream.aclose()
+        stop.set()
+    return closed
+
+
+async def test_guarded_server_closes_an_idle_connection_at_the_clients_fin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert await _idle_connection_closed_after_fin(monkeypatch, patches.GuardedTCPServer)
+
+
+async def test_hypercorn_idle_connection_waits_for_keep_alive_timer_after_fin_still_exists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # hypercorn 0.18 stops reading at the client's FIN but closes an idle connection only
+    # when its keep-alive timer fires.
+    assert not await _idle_connection_closed_after_fin(monkeypatch, TCPServer)

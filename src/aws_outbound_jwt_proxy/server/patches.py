@@ -65,6 +65,16 @@ class GuardedTCPServer(TCPServer):
                 except Exception:
                     pass
 
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client sent FIN (or the read failed). hypercorn 0.18 then only stops reading; an
+        # idle connection (its keep-alive timer running, nothing in flight) would sit in
+        # CLOSE_WAIT until that timer fires. Close it now. A request in progress finishes.
+        if self.idle_task._handle is not None:
+            await self.idle_task.stop()
+            with trio.CancelScope(shield=True):
+                await self._initiate_server_close()
+
     async def _open(self, interception: Interception) -> bool:
         """Take a CONNECT tunnel if this connection starts with one; False: nothing left to serve."""
         opened = await tunnel.open_connection(self.stream, interception, self.config, self.context.terminated)
