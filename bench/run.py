@@ -360,8 +360,7 @@ def nginx(tmp: Path, name: str, cpu: int, upstream: Target | None = None) -> Ite
     home.mkdir()
     port = free_port()
     if upstream is None:
-        body = HELLO_BODY.decode().replace("\n", "\\n")
-        server = NGINX_ORIGIN.format(port=port, body=body)
+        server = NGINX_ORIGIN.format(port=port, body=HELLO_BODY.decode().replace("\n", "\\n"))
     else:
         origin = upstream.url.removeprefix("http://").rstrip("/")
         server = NGINX_FORWARD.format(port=port, upstream=origin, jwt=fixed_jwt())
@@ -370,8 +369,8 @@ def nginx(tmp: Path, name: str, cpu: int, upstream: Target | None = None) -> Ite
     cmd = [nginx_binary(), "-p", str(home), "-e", str(home / "nginx-error.log"), "-c", str(conf)]
     with spawn(name, cmd, str(cpu), tmp) as proc:
         wait_ready(name, proc, port, 10, tmp, want_200=True)
-        status, body = get(port)
-        if status != 200 or body != HELLO_BODY:
+        status, answer = get(port)
+        if status != 200 or answer != HELLO_BODY:
             raise RowFailed(f"{name} answered {status} with a body that is not the hello body")
         version = subprocess.run([cmd[0], "-v"], capture_output=True, text=True).stderr.strip()
         helpers = [upstream.pid] if upstream else []
@@ -721,7 +720,7 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "—"
 
 
-def report(results: list[RowResult], opts: Options, started: str, load: str) -> str:
+def report(results: list[RowResult], opts: Options, started: str, load: str, code: str) -> str:
     by_name = {r.name: r for r in results if not r.failed and r.cells}
 
     def rps(row: str, conns: int) -> float | None:
@@ -732,7 +731,7 @@ def report(results: list[RowResult], opts: Options, started: str, load: str) -> 
         f"# Benchmark {started}",
         "",
         f"- machine: {os.cpu_count()} cores ({cpu_model()}); load average (1/5/15 min) {load}",
-        f"- code: {git_state()}",
+        f"- code: {code}",
         f"- client: {tool_version(['wrk', '-v'])}, -t{opts.threads} on CPU {opts.wrk_cpu}; "
         f"server under test on CPU {opts.server_cpu} (proxy-w2: on CPUs {opts.wrk_cpu} and "
         f"{opts.server_cpu}, sharing CPU {opts.wrk_cpu} with wrk, nginx and the STS emulator)",
@@ -926,13 +925,19 @@ def main(argv: list[str]) -> int:
     nginx_binary()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load = "before " + loadavg()
+    code_before = git_state()
     results = [RowResult(name) for name in opts.rows]
     for rnd in range(1, opts.rounds + 1):
         print(f"round {rnd}/{opts.rounds}", file=sys.stderr)
         for result in results:
             if result.failed is None:
                 run_row(result, opts, rnd)
-    text = report(results, opts, started, f"{load}, after {loadavg()}")
+    # The project is installed editable: the working tree is what ran. Say if it moved meanwhile.
+    code_after = git_state()
+    code = (
+        code_before if code_after == code_before else f"{code_before} at the start, {code_after} at the end"
+    )
+    text = report(results, opts, started, f"{load}, after {loadavg()}", code)
     print(text)
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     out = opts.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
