@@ -1,4 +1,4 @@
-"""Header rules for forwarding (REFERENCE.md A3/A4): pure functions on ASGI header lists.
+"""Header rules for forwarding: pure functions on ASGI header lists.
 
 Header lists are ``[(name, value), ...]`` of bytes, in wire order, duplicates
 kept. Names from hypercorn and httpcore are already lower-case; the rules
