@@ -13,12 +13,13 @@ default:
 test *args:
     ./scripts/test "$@"
 
-# ruff check, ruff format --check and mypy --strict
+# ruff check, ruff format --check, mypy --strict and the import-layer contracts
 lint:
     ./scripts/setup
     .venv/bin/ruff check src tests bench
     .venv/bin/ruff format --check src tests bench
     .venv/bin/mypy --strict src
+    .venv/bin/lint-imports
 
 # Apply ruff's safe fixes and format the code
 fmt:
