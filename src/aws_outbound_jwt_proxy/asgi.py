@@ -10,19 +10,26 @@ that loads the app, never a traceback: 2 for a configuration mistake (the
 console script's one-line error), 1 for an environment that cannot serve (no
 AWS region, metrics port in use; logged as ``start-up failed: ...``).
 
-hypercorn runs the app in worker processes (one by default) and its
+hypercorn runs the app in worker processes (one by default), and its
 supervising process exits 0 whatever a worker's status was (hypercorn 0.18,
 ``run.run`` re-reads the exit codes of an already emptied worker list;
-pgjones/hypercorn#269). The supervisor never imports the app, so nothing here
-can change that: ``hypercorn --workers 0`` runs the app in hypercorn's own
-process, whose exit status is then the one described above.
+pgjones/hypercorn#269). The supervisor never imports the app, so a worker that
+fails to start ends it from outside: after its one line it sends the
+supervisor ``SIGUSR1``, which hypercorn does not handle, so the command ends
+"killed by SIGUSR1" (status 138 in a shell, -10 from ``subprocess``), never 0.
+Where hypercorn is PID 1 of a container (no init) the kernel drops that
+signal and only ``--workers 0`` keeps the status: there the app runs in
+hypercorn's own process, whose exit status is then 2 or 1 as above.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+from multiprocessing.synchronize import SemLock
 from typing import NoReturn
 
 import trio
@@ -40,6 +47,59 @@ from .tokens import supervisor as tokens
 log = logging.getLogger("aws_outbound_jwt_proxy.asgi")
 
 
+def _end_hypercorn_supervisor() -> None:
+    """Kill hypercorn's supervising process when this process is one of its workers.
+
+    Called after a start-up failure's one line is flushed, so the ``hypercorn``
+    command ends non-zero (see the module docstring). A worker is recognised by
+    its multiprocessing target, hypercorn's worker function; PID 1 is left
+    alone (the kernel ignores the signal there anyway).
+    """
+    if multiprocessing.parent_process() is None:
+        return
+    worker = multiprocessing.current_process()
+    if not getattr(getattr(worker, "_target", None), "__module__", "").startswith("hypercorn."):
+        return
+    supervisor = os.getppid()
+    if supervisor <= 1:
+        return
+    _unlink_shutdown_event(getattr(worker, "_kwargs", {}).get("shutdown_event"))
+    os.kill(supervisor, signal.SIGUSR1)
+
+
+def _unlink_shutdown_event(event: object) -> None:
+    """Unlink the named semaphores of hypercorn's shutdown event, as its supervisor would at exit.
+
+    A supervisor killed by a signal cannot, and multiprocessing's resource
+    tracker then warns about "leaked semaphore objects" on stderr. Best effort:
+    should multiprocessing's internals change, the warning is all that returns.
+    """
+    try:
+        cond = event._cond  # type: ignore[attr-defined]
+        locks = (event._flag, cond._lock, cond._sleeping_count, cond._woken_count, cond._wait_semaphore)  # type: ignore[attr-defined]
+        for lock in locks:
+            SemLock._cleanup(lock._semlock.name)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        pass
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+
+
+def _end_worker(status: int) -> NoReturn:
+    """End the import of the app with ``status`` (and hypercorn's supervisor, if any).
+
+    SystemExit passes through hypercorn's import path unwrapped: no traceback,
+    the status kept.
+    """
+    _flush_logs()
+    _end_hypercorn_supervisor()
+    raise SystemExit(status)
+
+
 def _startup_failed(error: BaseException) -> NoReturn:
     """Log ``start-up failed: ...`` (one line) and end this process with status 1, from the lifespan.
 
@@ -52,19 +112,17 @@ def _startup_failed(error: BaseException) -> NoReturn:
     lost by skipping clean-up, as nothing has been served yet.
     """
     log.error(f"start-up failed: {error}")
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stderr.flush()
+    _flush_logs()
+    _end_hypercorn_supervisor()
     os._exit(serve.EXIT_STARTUP)
 
 
 def build() -> QuartTrio:
-    # Failures while hypercorn imports the app end the worker through SystemExit,
-    # which the import path passes through unwrapped: no traceback, the status kept.
     try:
         settings = config.load([], os.environ)
     except flags.ConfigError as exc:
-        flags.fail(config.PROG, exc)  # one line, SystemExit(2)
+        flags.print_error(config.PROG, exc)
+        _end_worker(flags.EXIT_USAGE)
     logs.setup(settings.log_level, settings.log_format)
     envcheck.warn(os.environ, log)
     patches.install()
@@ -72,7 +130,7 @@ def build() -> QuartTrio:
         fetcher = sts.build_fetcher()
     except sts.StsSetupError as exc:
         log.error(f"start-up failed: {exc}")
-        raise SystemExit(serve.EXIT_STARTUP) from None
+        _end_worker(serve.EXIT_STARTUP)
     m: metrics.Metrics | metrics.NullMetrics = (
         metrics.Metrics(max_upstreams=settings.metrics_max_upstreams)
         if settings.metrics_enabled

@@ -266,10 +266,15 @@ def split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",")]
 
 
-def fail(prog: str, error: ConfigError) -> NoReturn:
-    """Print the one-line configuration error and exit with status 2."""
+def print_error(prog: str, error: ConfigError) -> None:
+    """Print the one-line configuration error to stderr."""
     sys.stderr.write(f"{prog}: error: {error}\n")
     sys.stderr.flush()
+
+
+def fail(prog: str, error: ConfigError) -> NoReturn:
+    """Print the one-line configuration error and exit with status 2."""
+    print_error(prog, error)
     raise SystemExit(EXIT_USAGE)
 
 
