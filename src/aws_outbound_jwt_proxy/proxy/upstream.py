@@ -20,7 +20,6 @@ when the guard refused every address; callers map errors with
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
 from functools import partial
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
@@ -37,6 +36,7 @@ from ..routing.target import Target
 from .body import RequestBody
 from .dial import GuardedBackend, TunnelBackend
 from .exchange import UpstreamTimeout
+from .h1 import DirectTransport, ReleasingBody
 from .plan import Plan
 
 # Pool sizing, split over SHARDS independent pools (see ShardedTransport): at
@@ -121,26 +121,6 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await shard.aclose()
 
 
-class _Releasing(httpx.AsyncByteStream):
-    """A response body that gives its upstream slot back when closed (once)."""
-
-    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._inner = inner
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            if self._release is not None:
-                release, self._release = self._release, None
-                release()
-
-
 class PerUpstreamLimit(httpx.AsyncBaseTransport):
     """At most ``limit`` requests in flight per upstream (scheme, host, port), body streaming included.
 
@@ -175,7 +155,7 @@ class PerUpstreamLimit(httpx.AsyncBaseTransport):
             limiter.release_on_behalf_of(slot)
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _Releasing(response.stream, partial(limiter.release_on_behalf_of, slot))
+        response.stream = ReleasingBody(response.stream, partial(limiter.release_on_behalf_of, slot))
         return response
 
     async def aclose(self) -> None:
@@ -240,7 +220,18 @@ def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> ht
         keepalive_expiry=KEEPALIVE_EXPIRY,
     )
     guarded = GuardedBackend(guard) if guard.active else None
-    direct = ShardedTransport([_transport(tls, limits, guarded) for _ in range(SHARDS)])
+    # HTTP/1.1 upstreams through our own lean pool; upstreams that pick h2 (and HEAD requests)
+    # through httpcore's pools, sharded (ShardedTransport).
+    fallback = ShardedTransport([_transport(tls, limits, guarded) for _ in range(SHARDS)])
+    direct = DirectTransport(
+        tls,
+        guard,
+        fallback,
+        max_connections=MAX_CONNECTIONS,
+        max_idle=MAX_KEEPALIVE,
+        max_per_upstream=MAX_PER_UPSTREAM,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
     proxy_limits = httpx.Limits(
         max_connections=MAX_CONNECTIONS,
         max_keepalive_connections=MAX_KEEPALIVE,
@@ -250,11 +241,13 @@ def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> ht
     # https:// upstreams: CONNECT tunnels to HTTPS_PROXY, opened below httpcore.
     proxied: dict[str, httpx.AsyncBaseTransport] = {}
     if egress.http:
-        proxied[egress.http] = _transport(tls, proxy_limits, proxy=egress.http)
+        forwarding = _transport(tls, proxy_limits, proxy=egress.http)
+        proxied[egress.http] = PerUpstreamLimit(forwarding, MAX_PER_UPSTREAM)
     if egress.https:
-        proxied[_TUNNEL + egress.https] = _transport(tls, proxy_limits, TunnelBackend(egress.https, tls))
+        tunnels = _transport(tls, proxy_limits, TunnelBackend(egress.https, tls))
+        proxied[_TUNNEL + egress.https] = PerUpstreamLimit(tunnels, MAX_PER_UPSTREAM)
     client = httpx.AsyncClient(
-        transport=PerUpstreamLimit(EgressTransport(direct, proxied), MAX_PER_UPSTREAM),
+        transport=EgressTransport(direct, proxied),
         trust_env=False,  # proxies come from EgressProxies (Go's rules), never .netrc or SSL_CERT_*
         follow_redirects=False,
         cookies=NoCookies(),
