@@ -61,6 +61,41 @@ async def test_idle_keep_alive_connection_is_closed_after_the_read_header_timeou
     assert answer.startswith(b"HTTP/1.1 200")
 
 
+async def _response(stream: trio.SocketStream) -> bytes:
+    """The head of one whole response (its body sized by Content-Length, or chunked)."""
+    data = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lower = head.lower()
+        if b"content-length:" in lower:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+        else:
+            while not body.endswith(b"0\r\n\r\n"):
+                body += await stream.receive_some(65536)
+    return head
+
+
+async def test_the_keep_alive_timer_restarts_after_every_response(upstream: Upstream) -> None:
+    s = proxy_settings(*HTTP, "--read-header-timeout", "400ms")
+    request = f"GET /ka HTTP/1.1\r\nHost: x\r\nX-Upstream-Host: {upstream.host}\r\n\r\n".encode()
+    async with running_proxy(s, FixedTokens()) as url:
+        stream = await _connect(url)
+        async with stream:
+            started = trio.current_time()
+            for _ in range(4):  # idle 250 ms each time: 1 s in all, well past one timeout
+                await stream.send_all(request)
+                assert (await _response(stream)).startswith(b"HTTP/1.1 200")
+                await trio.sleep(0.25)
+            assert trio.current_time() - started > 1.0
+            last = trio.current_time()
+            assert await _closed_within(stream, 5) == b""
+            assert trio.current_time() - last < 2.0
+
+
 async def test_stalled_upload_gets_408_and_frees_the_upstream(
     upstream: Upstream, access_log: AccessLog
 ) -> None:
