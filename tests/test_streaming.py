@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import h2.config
+import h2.connection
 import httpx
 import pytest
 import trio
@@ -218,4 +220,27 @@ async def test_client_leaving_while_waiting_for_headers_closes_upstream(
         with trio.fail_after(5):
             await silent_upstream.closed.wait()
             rec = (await access_log.wait_for(1))[0]
+    assert rec.__dict__["status"] == 499 and rec.__dict__["target"] == silent_upstream.host
+
+
+async def test_h2_stream_reset_while_waiting_for_headers_closes_upstream(
+    silent_upstream: Silent, access_log: AccessLog
+) -> None:
+    # On HTTP/2 the connection stays: only the stream's reset says the client gave up on it.
+    async with running_proxy(proxy_settings(*HTTP), FixedTokens()) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            request = [(":method", "GET"), (":scheme", "http"), (":authority", "p"), (":path", "/wait")]
+            conn.send_headers(1, [*request, ("x-upstream-host", silent_upstream.host)], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(5):
+                await silent_upstream.connected.wait()
+            conn.reset_stream(1)
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(5):
+                await silent_upstream.closed.wait()
+                rec = (await access_log.wait_for(1))[0]
     assert rec.__dict__["status"] == 499 and rec.__dict__["target"] == silent_upstream.host

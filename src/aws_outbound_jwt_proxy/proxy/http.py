@@ -5,8 +5,9 @@ opens the :class:`~.exchange.Exchange`, runs the request through Quart
 (``app.handle_request``: context, hooks, dispatch to the
 :class:`~.forward.Forwarder`), records how it went, streams the response
 (an upstream body chunk by chunk, no response timeout), and finishes the
-exchange. Once the request body is consumed it watches ``receive()`` for
-``http.disconnect`` and cancels the request, which cancels the upstream call.
+exchange. A client that leaves cancels its request, and so the upstream
+call: on HTTP/1.x the server says so (:mod:`.departure`); on HTTP/2, once the
+request body is consumed, a task watches ``receive()`` for ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .body import ProxyRequest, ProxyResponse, RequestBody, close_upstream
+from .departure import departure
 from .exchange import CLIENT_GONE, Exchange, cause, classify
 from .forward import ForwardingApp
 
@@ -30,31 +32,46 @@ log = logging.getLogger("aws_outbound_jwt_proxy.forward")
 class ProxyHTTPConnection(TrioASGIHTTPConnection):
     """asgi_http_class: one request through Quart, streamed both ways, cancelled if the client leaves."""
 
+    response: Any = None
+
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         forwarder = cast(ForwardingApp, self.app).forwarder
         ex = forwarder.begin(self.scope)
         request: ProxyRequest | None = None
-        response: Any = None
         try:
             request = cast(ProxyRequest, self._create_request_from_scope(send))
             request.body.attach(receive, self.scope, forwarder.body_timeout)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, request.body, nursery.cancel_scope, ex)
-                response = await self.app.handle_request(request)
-                ex.target, ex.token_result = request.target, request.token_result
-                if isinstance(response, ProxyResponse):
-                    _record(ex, response)
-                if not ex.client_gone:
-                    await self._send(send, response, ex)
-                nursery.cancel_scope.cancel()
+            connection = departure(self.scope)
+            if connection is not None:  # HTTP/1.x: the server cancels us when the client leaves
+                with trio.CancelScope() as cancel:
+                    connection.add(cancel, ex)
+                    try:
+                        await self._exchange(request, send, ex)
+                    finally:
+                        connection.discard(cancel)
+            else:  # HTTP/2 (or a server without the hook): watch receive() for http.disconnect
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_disconnect, request.body, nursery.cancel_scope, ex)
+                    await self._exchange(request, send, ex)
+                    nursery.cancel_scope.cancel()
         finally:
             if request is not None:
                 ex.target, ex.token_result = request.target, request.token_result
+            response = self.response
             if isinstance(response, ProxyResponse) and response.upstream is not None:
                 await close_upstream(response.upstream)  # no-op when relayed to the end
             if ex.client_gone and ex.status == 0:
                 ex.status = CLIENT_GONE
             forwarder.finish(ex)
+
+    async def _exchange(self, request: ProxyRequest, send: ASGISendCallable, ex: Exchange) -> None:
+        """The request through Quart, then the response to the client (unless it left)."""
+        response = self.response = await self.app.handle_request(request)
+        ex.target, ex.token_result = request.target, request.token_result
+        if isinstance(response, ProxyResponse):
+            _record(ex, response)
+        if not ex.client_gone:
+            await self._send(send, response, ex)
 
     async def _send(self, send: ASGISendCallable, response: Any, ex: Exchange) -> None:
         ex.status = response.status_code

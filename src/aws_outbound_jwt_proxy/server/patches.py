@@ -32,6 +32,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 
+from ..proxy.departure import DEPARTURE, Departure
 from ..proxy.tunnel import Interception, offered
 from ..proxy.websocket import WS_ANSWERED_BY_SERVER
 from . import tunnel
@@ -57,11 +58,13 @@ class GuardedTCPServer(TCPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
+        self.departure = Departure()
 
     async def run(self) -> None:
         try:
             interception = offered(self.state)
             if interception is None or await self._open(interception):
+                self.state = {**self.state, DEPARTURE: self.departure}
                 await super().run()
         except Exception as exc:  # not Cancelled: shutdown still propagates
             log.error("connection failed", extra={"error_class": type(exc).__name__})
@@ -73,6 +76,7 @@ class GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         await super()._read_data()
+        self.departure.left()  # cancels HTTP/1.x requests still in flight (proxy.departure)
         # The client sent FIN (or the read failed). hypercorn 0.18 then only stops reading; an
         # idle connection (its keep-alive timer running, nothing in flight) would sit in
         # CLOSE_WAIT until that timer fires. Close it now. A request in progress finishes.
