@@ -59,6 +59,23 @@ class ProxyApp(QuartTrio):
             return None
         return super().create_url_adapter(request)
 
+    async def preprocess_request(self, request_context: RequestContext | None = None) -> Any:
+        # Quart walks the request's blueprints and every hook list per request; a proxy
+        # registers none, so skip the walk unless someone did.
+        if any(self.before_request_funcs.values()) or any(self.url_value_preprocessors.values()):
+            return await super().preprocess_request(request_context)
+        return None
+
+    async def process_response(self, response: Any, request_context: RequestContext | None = None) -> Any:
+        ctx = request_context or request_ctx
+        if (
+            ctx._after_request_functions
+            or any(self.after_request_funcs.values())
+            or not self.session_interface.is_null_session(ctx.session)
+        ):
+            return await super().process_response(response, request_context)
+        return response
+
     async def dispatch_request(self, request_context: RequestContext | None = None) -> ProxyResponse:
         request = (request_context or request_ctx).request
         assert isinstance(request, ProxyRequest)
