@@ -188,11 +188,16 @@ async def test_request_bodies_are_framed_by_length_or_chunked(nursery: trio.Nurs
     assert raw.connections == 1
 
 
-async def test_a_header_that_would_split_the_head_is_refused_before_sending(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("value", ["a\r\nInjected: yes", "a\rb", "a\nb", "a\x00b"])
+async def test_a_header_that_would_split_the_head_is_refused_before_sending(
+    nursery: trio.Nursery, value: str
+) -> None:
     raw, url = await raw_upstream(nursery, lambda head, body: OK)
     async with client() as (c, _):
         with pytest.raises(httpx.LocalProtocolError):
-            await c.get(url, headers={"x-evil": "a\r\nInjected: yes"})
+            await c.get(url, headers={"x-evil": value})
+        with pytest.raises(httpx.LocalProtocolError):
+            await c.get(url, headers={"x-evil\r\nInjected": "yes"})
     assert raw.heads == []
 
 

@@ -46,8 +46,7 @@ SWEEP_INTERVAL = 5.0  # seconds between walks that close expired idle connection
 _ORIGINS_MAX = 1024
 _REPLAYABLE = frozenset({b"GET", b"OPTIONS", b"TRACE"})
 _REPLAY_ATTEMPTS = 3
-# Request heads we refuse to write: a CR, LF or NUL would split the head (header injection).
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+# A request target we refuse to write: a space or control character would split the request line.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 
@@ -252,12 +251,7 @@ class DirectTransport(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request, origin: Origin, slot: trio.Semaphore) -> httpx.Response:
         head = _request_head(request)
-        method = request.method.encode("ascii")
-        replayable = (
-            method in _REPLAYABLE
-            and "content-length" not in request.headers
-            and "transfer-encoding" not in request.headers
-        )
+        replayable = head.body is None and request.method.encode("ascii") in _REPLAYABLE
         attempts = _REPLAY_ATTEMPTS if replayable else 1
         for attempt in range(attempts):
             conn = await self._connection(origin)
@@ -271,18 +265,17 @@ class DirectTransport(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable")
 
     async def _exchange(
-        self, conn: _Connection, head: bytes, request: httpx.Request, slot: trio.Semaphore
+        self, conn: _Connection, head: _Head, request: httpx.Request, slot: trio.Semaphore
     ) -> httpx.Response:
         """Write the request, read the response head; the body is read as the caller iterates."""
         reader = _Reader()
         got_bytes = False
         try:
-            body = request.stream if _has_body(request) else None
             try:
-                if body is None:
-                    await conn.stream.send_all(head)
+                if head.body is None:
+                    await conn.stream.send_all(head.data)
                 else:
-                    await _send_body(conn.stream, head, request, body)
+                    await _send_body(conn.stream, head, request.stream)
                 write_error: httpx.WriteError | None = None
             except _WriteFailed as failed:
                 # The upstream may have answered early (say 413) and closed: read what it said.
@@ -444,22 +437,36 @@ class _WriteFailed(Exception):
         self.error = error
 
 
-def _has_body(request: httpx.Request) -> bool:
-    headers = request.headers
-    return "content-length" in headers or "transfer-encoding" in headers
+class _Head:
+    """A request head ready to write, and how its body is framed (``body`` None: no body)."""
+
+    __slots__ = ("body", "data")
+
+    def __init__(self, data: bytes, body: int | str | None) -> None:
+        self.data = data
+        self.body = body  # Content-Length, "chunked", or None
 
 
-def _request_head(request: httpx.Request) -> bytes:
+def _request_head(request: httpx.Request) -> _Head:
+    """The request line and headers as one block; refuses a target or header that would split it."""
     target = request.extensions.get("target") or request.url.raw_path
     if _BAD_TARGET.search(target):
         raise httpx.LocalProtocolError("request target holds a space or control character")
-    parts = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    lines = [request.method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+    body: int | str | None = None
     for name, value in request.headers.raw:
-        if _BAD_VALUE.search(value) or _BAD_VALUE.search(name):
-            raise httpx.LocalProtocolError("header holds a CR, LF or NUL")
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        lines.append(name + b": " + value)
+        lower = name.lower()
+        if lower == b"content-length":
+            body = int(value)
+        elif lower == b"transfer-encoding":
+            body = "chunked"
+    lines.append(b"\r\n")
+    data = b"\r\n".join(lines)
+    # Exactly one CR and one LF per line, and no NUL: no header can split the head.
+    if data.count(b"\n") != len(lines) or data.count(b"\r") != len(lines) or b"\0" in data:
+        raise httpx.LocalProtocolError("header holds a CR, LF or NUL")
+    return _Head(data, body)
 
 
 async def _send_all(stream: trio.abc.Stream, data: bytes) -> None:
@@ -469,12 +476,12 @@ async def _send_all(stream: trio.abc.Stream, data: bytes) -> None:
         raise _WriteFailed(httpx.WriteError(str(exc) or "upstream connection broke")) from exc
 
 
-async def _send_body(stream: trio.abc.Stream, head: bytes, request: httpx.Request, body: Any) -> None:
+async def _send_body(stream: trio.abc.Stream, head: _Head, body: Any) -> None:
     """The head, then the body: chunked when the request says so, else exactly Content-Length bytes."""
-    chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
-    expected = None if chunked else int(request.headers.get("content-length", "0"))
+    chunked = head.body == "chunked"
+    expected = head.body if isinstance(head.body, int) else None
     sent = 0
-    await _send_all(stream, head)
+    await _send_all(stream, head.data)
     async for chunk in body:
         if not chunk:
             continue
