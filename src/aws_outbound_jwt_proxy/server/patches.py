@@ -26,6 +26,7 @@ import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
+from hypercorn.events import Event, RawData
 from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.ws_stream import WSStream
@@ -73,6 +74,13 @@ class GuardedTCPServer(TCPServer):
                     await self.stream.aclose()
                 except Exception:
                     pass
+
+    async def protocol_send(self, event: Event) -> None:
+        # hypercorn writes the (empty) end of every Content-Length response as a write of
+        # nothing: a lock, a shielded cancel scope and a scheduler round trip for no bytes.
+        if isinstance(event, RawData) and not event.data:
+            return
+        await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         await super()._read_data()
