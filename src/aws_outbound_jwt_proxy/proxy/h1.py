@@ -40,6 +40,7 @@ from ..routing.guard import Guard
 from .dial import open_tcp
 
 Origin = tuple[str, str, int]  # scheme, host, port
+BODY = "aws_outbound_jwt_proxy.body"  # response extension: the ResponseBody (absent on fallbacks)
 
 READ_SIZE = 64 * 1024
 SWEEP_INTERVAL = 5.0  # seconds between walks that close expired idle connections
@@ -131,8 +132,12 @@ class _Reader:
         return True
 
 
-class _ResponseBody(httpx.AsyncByteStream):
-    """The upstream body as it is parsed; the connection goes back to the pool once it ends cleanly."""
+class ResponseBody(httpx.AsyncByteStream):
+    """The upstream body as it is parsed; the connection goes back to the pool once it ends cleanly.
+
+    The transport puts it in the response's ``BODY`` extension, so the relay can
+    ask whether the first part is already in hand (:attr:`ready`).
+    """
 
     def __init__(
         self,
@@ -150,6 +155,11 @@ class _ResponseBody(httpx.AsyncByteStream):
         if self._done is not None:
             done, self._done = self._done, None
             done(self._conn, reuse)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next part (or the end) is already parsed: iterating will not wait."""
+        return bool(self._reader.chunks) or self._reader.done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         reader, stream = self._reader, self._conn.stream
@@ -306,13 +316,17 @@ class DirectTransport(httpx.AsyncBaseTransport):
             self._release(conn, reuse)
             slot.release()
 
-        response_body = _ResponseBody(conn, reader, write_error is None, done)
+        response_body = ResponseBody(conn, reader, write_error is None, done)
         version = reader.parser.get_http_version()
         return httpx.Response(
             reader.parser.get_status_code(),
             headers=reader.headers,
             stream=response_body,
-            extensions={"http_version": b"HTTP/" + version.encode("ascii"), "reason_phrase": reader.reason},
+            extensions={
+                "http_version": b"HTTP/" + version.encode("ascii"),
+                "reason_phrase": reader.reason,
+                BODY: response_body,
+            },
         )
 
     async def _via_fallback(self, request: httpx.Request, slot: trio.Semaphore) -> httpx.Response:

@@ -6,8 +6,9 @@ opens the :class:`~.exchange.Exchange`, runs the request through Quart
 :class:`~.forward.Forwarder`), records how it went, streams the response
 (an upstream body chunk by chunk, no response timeout), and finishes the
 exchange. A client that leaves cancels its request, and so the upstream
-call: on HTTP/1.x the server says so (:mod:`.departure`); on HTTP/2, once the
-request body is consumed, a task watches ``receive()`` for ``http.disconnect``.
+call: on HTTP/1.x the server says so (:mod:`.link`, which also lets a response
+head go out in one write with its body); on HTTP/2, once the request body is
+consumed, a task watches ``receive()`` for ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .body import ProxyRequest, ProxyResponse, RequestBody, close_upstream
-from .departure import departure
 from .exchange import CLIENT_GONE, Exchange, cause, classify
 from .forward import ForwardingApp
+from .h1 import BODY, ResponseBody
+from .link import Link, link
 
 log = logging.getLogger("aws_outbound_jwt_proxy.forward")
 
@@ -33,6 +35,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
     """asgi_http_class: one request through Quart, streamed both ways, cancelled if the client leaves."""
 
     response: Any = None
+    link: Link | None = None
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         forwarder = cast(ForwardingApp, self.app).forwarder
@@ -41,7 +44,7 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
         try:
             request = cast(ProxyRequest, self._create_request_from_scope(send))
             request.body.attach(receive, self.scope, forwarder.body_timeout)
-            connection = departure(self.scope)
+            connection = self.link = link(self.scope)
             if connection is not None:  # HTTP/1.x: the server cancels us when the client leaves
                 with trio.CancelScope() as cancel:
                     connection.add(cancel, ex)
@@ -78,6 +81,8 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
         if not isinstance(response, ProxyResponse):  # Quart made it (error handler, hook)
             await _send_quart_response(send, response, ex)
             return
+        if self.link is not None and _body_in_hand(response):
+            self.link.hold_next_write()  # the head goes out with the body's first bytes
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
         )
@@ -86,6 +91,14 @@ class ProxyHTTPConnection(TrioASGIHTTPConnection):
         else:
             ex.complete = True  # before the last send: see _watch_disconnect
             await send({"type": "http.response.body", "body": response.payload, "more_body": False})
+
+
+def _body_in_hand(response: ProxyResponse) -> bool:
+    """Whether the response's first body message can follow its head without waiting."""
+    if response.upstream is None:
+        return True  # the proxy's own short body
+    body = response.upstream.extensions.get(BODY)
+    return isinstance(body, ResponseBody) and body.ready
 
 
 def _record(ex: Exchange, response: ProxyResponse) -> None:

@@ -33,7 +33,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 
-from ..proxy.departure import DEPARTURE, Departure
+from ..proxy.link import LINK, Link
 from ..proxy.tunnel import Interception, offered
 from ..proxy.websocket import WS_ANSWERED_BY_SERVER
 from . import tunnel
@@ -59,13 +59,13 @@ class GuardedTCPServer(TCPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
-        self.departure = Departure()
+        self.link = Link()
 
     async def run(self) -> None:
         try:
             interception = offered(self.state)
             if interception is None or await self._open(interception):
-                self.state = {**self.state, DEPARTURE: self.departure}
+                self.state = {**self.state, LINK: self.link}
                 await super().run()
         except Exception as exc:  # not Cancelled: shutdown still propagates
             log.error("connection failed", extra={"error_class": type(exc).__name__})
@@ -76,15 +76,19 @@ class GuardedTCPServer(TCPServer):
                     pass
 
     async def protocol_send(self, event: Event) -> None:
-        # hypercorn writes the (empty) end of every Content-Length response as a write of
-        # nothing: a lock, a shielded cancel scope and a scheduler round trip for no bytes.
-        if isinstance(event, RawData) and not event.data:
-            return
+        if isinstance(event, RawData):
+            data = self.link.write(event.data)  # a held response head goes out with its body
+            # hypercorn ends every Content-Length response with a write of nothing: a lock, a
+            # shielded cancel scope and a scheduler round trip for no bytes.
+            if not data:
+                return
+            if data is not event.data:
+                event = RawData(data)
         await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         await super()._read_data()
-        self.departure.left()  # cancels HTTP/1.x requests still in flight (proxy.departure)
+        self.link.left()  # cancels HTTP/1.x requests still in flight (proxy.link)
         # The client sent FIN (or the read failed). hypercorn 0.18 then only stops reading; an
         # idle connection (its keep-alive timer running, nothing in flight) would sit in
         # CLOSE_WAIT until that timer fires. Close it now. A request in progress finishes.
