@@ -161,6 +161,7 @@ def build() -> QuartTrio:
         except (serve.StartupError, sts.StsSetupError) as exc:
             _startup_failed(exc)
         readiness.listening()
+        serve.freeze_startup_heap()
 
     @app.after_serving
     async def stop_background() -> None:

@@ -7,6 +7,7 @@ in-flight requests ``--shutdown-timeout`` to finish, then cancel the rest.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import ssl
@@ -187,12 +188,26 @@ async def run(
 
             binds = await root.start(proxy)
             readiness.listening()
+            freeze_startup_heap()
             log.info("proxy listening", extra={"addresses": binds, **startup_fields(settings)})
             if not settings.pinned and not settings.allowed_upstream_hosts:
                 log.warning("no --allowed-upstream-hosts: any client can have tokens minted for any host")
             task_status.started(binds)
     finally:
         m.close()
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up built out of the garbage collector's reach (``gc.freeze``), once serving.
+
+    Start-up leaves about 100,000 objects that live as long as the process
+    (imported modules, botocore's service models). Every full collection walked
+    them all: under load that was a pause of about 70 ms a few times a minute,
+    the proxy's p99. Frozen, a full collection walks only what serving made
+    (about 3 ms). Start-up's garbage is collected first so none of it is frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def startup_fields(settings: Settings) -> dict[str, object]:
