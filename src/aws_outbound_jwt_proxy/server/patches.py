@@ -26,7 +26,7 @@ import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
-from hypercorn.events import Event, RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.ws_stream import WSStream
@@ -82,9 +82,27 @@ class GuardedTCPServer(TCPServer):
             # shielded cancel scope and a scheduler round trip for no bytes.
             if not data:
                 return
-            if data is not event.data:
-                event = RawData(data)
+            await self._write(data)
+            return
         await super().protocol_send(event)
+
+    async def _write(self, data: bytes) -> None:
+        """hypercorn's write (under the send lock, shielded; a broken socket is the client gone),
+        taking an uncontended lock without a checkpoint: under load every checkpoint sends the
+        task to the back of the run queue, and the write itself is one already."""
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+        finally:
+            lock.release()
 
     async def _read_data(self) -> None:
         await super()._read_data()
