@@ -12,8 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from hypercorn.events import Event, RawData
-from hypercorn.trio.tcp_server import TCPServer
 
 from aws_outbound_jwt_proxy.proxy.exchange import Exchange
 from aws_outbound_jwt_proxy.proxy.link import Link
@@ -54,16 +52,15 @@ async def test_left_cancels_unfinished_requests_only() -> None:
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Writes]:
-    """Every write an in-process hypercorn server makes to a client socket: (its port, the bytes)."""
+    """Every write to a TCP socket in this process: (its local port, the bytes), in order."""
     seen: Writes = []
-    original = TCPServer.protocol_send
+    original = trio.SocketStream.send_all
 
-    async def recording(self: TCPServer, event: Event) -> None:
-        if isinstance(event, RawData):
-            seen.append((self.stream.socket.getsockname()[1], event.data))
-        await original(self, event)
+    async def recording(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+        seen.append((self.socket.getsockname()[1], bytes(data)))
+        await original(self, data)
 
-    monkeypatch.setattr(TCPServer, "protocol_send", recording)
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
     yield seen
 
 
