@@ -91,6 +91,7 @@ class GuardedTCPServer(TCPServer):
         taking an uncontended lock without a checkpoint: under load every checkpoint sends the
         task to the back of the run queue, and the write itself is one already."""
         lock = self.send_lock
+        await trio.lowlevel.checkpoint_if_cancelled()  # as Lock.acquire: a cancelled task writes nothing
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:
