@@ -110,7 +110,8 @@ async def test_rapid_reset_gets_goaway_and_costs_the_proxy_little_cpu(
     cpu = cpu_seconds(h2_proxy.proc.pid)
     sent = 0
     with trio.move_on_after(8):
-        while sent < 5000 and not attacker.closed:  # CVE-2023-44487's shape, 100 pairs per write
+        # CVE-2023-44487's shape, 100 pairs per write, until the proxy says GOAWAY (or closes)
+        while sent < 5000 and not attacker.closed and attacker.goaway is None:
             await _open_and_reset(attacker, up, 100)
             sent += 100
             if sent % 500 == 0:
