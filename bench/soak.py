@@ -454,16 +454,17 @@ def closing(pid: int, ports: set[int]) -> int:
 async def settle(run: Run) -> tuple[int, Counter[str]]:
     """Bring the proxy to a comparable idle state and count its fds.
 
-    1. Wait (bounded) until no client connection of the proxy is left in CLOSE_WAIT: hypercorn
-       closes a connection whose client has gone only when its keep-alive timer fires
-       (--read-header-timeout, 10 s), not on the client's FIN.
-    2. By then the upstream has closed the proxy's idle pool connections (UPSTREAM_KEEPALIVE);
-       16 requests on one client connection make each pool shard drop those and keep one live one.
+    1. Wait (bounded) until no client connection of the proxy is left in CLOSE_WAIT (the proxy
+       closes one when its client's FIN arrives, or on its keep-alive timer).
+    2. Wait until the upstream has closed the proxy's idle pool connections (UPSTREAM_KEEPALIVE);
+       16 requests on one client connection then make the pool drop those (it checks its idle
+       connections at least every 5 s) and keep one live one.
     3. Count while that one client connection is still open, once the count is stable.
     """
     deadline = trio.current_time() + SETTLE_TIMEOUT
     while closing(run.pid, run.listeners) and trio.current_time() < deadline:  # noqa: ASYNC110
-        await trio.sleep(0.5)  # polling /proc: the proxy closes them on its keep-alive timer
+        await trio.sleep(0.5)  # polling /proc
+    await trio.sleep(UPSTREAM_KEEPALIVE + 1)  # the upstream's idle timer, then the pool's check
     limits = httpx.Limits(max_connections=1)
     async with httpx.AsyncClient(timeout=OP_TIMEOUT, limits=limits) as client:
         for _ in range(16):
