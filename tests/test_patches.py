@@ -178,3 +178,18 @@ async def test_hypercorn_idle_connection_waits_for_keep_alive_timer_after_fin_st
     # hypercorn 0.18 stops reading at the client's FIN but closes an idle connection only
     # when its keep-alive timer fires.
     assert not await _idle_connection_closed_after_fin(monkeypatch, TCPServer)
+
+
+def test_hypercorn_read_loop_is_the_one_the_proxy_mirrors() -> None:
+    """GuardedTCPServer reads with hypercorn's loop minus its per-read ``fail_after(inf)``.
+
+    When hypercorn's loop changes, this fails: compare ``_read_without_timeout`` with it.
+    """
+    import inspect
+
+    from hypercorn.trio.tcp_server import TCPServer
+
+    source = inspect.getsource(TCPServer._read_data)
+    assert "trio.fail_after(self.config.read_timeout or inf)" in source
+    assert "await self.protocol.handle(RawData(bytes(data)))" in source
+    assert "await self.protocol.handle(Closed())" in source

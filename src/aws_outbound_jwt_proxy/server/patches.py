@@ -30,7 +30,7 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.ws_stream import WSStream
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 
 from ..proxy.link import LINK, Link
@@ -106,7 +106,10 @@ class GuardedTCPServer(TCPServer):
             lock.release()
 
     async def _read_data(self) -> None:
-        await super()._read_data()
+        if self.config.read_timeout:
+            await super()._read_data()
+        else:
+            await self._read_without_timeout()
         self.link.left()  # cancels HTTP/1.x requests still in flight (proxy.link)
         # The client sent FIN (or the read failed). hypercorn 0.18 then only stops reading; an
         # idle connection (its keep-alive timer running, nothing in flight) would sit in
@@ -117,6 +120,22 @@ class GuardedTCPServer(TCPServer):
         if idle:
             with trio.CancelScope(shield=True):
                 await self._initiate_server_close()
+
+    async def _read_without_timeout(self) -> None:
+        """hypercorn's read loop without its per-read ``fail_after(inf)`` (a cancel scope per read).
+
+        hypercorn sets no read timeout by default, and neither does the proxy: idle and
+        slow-header connections are bounded by the keep-alive timer (--read-header-timeout).
+        """
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(data=bytes(data)))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
 
     async def _open(self, interception: Interception) -> bool:
         """Take a CONNECT tunnel if this connection starts with one; False: nothing left to serve."""
