@@ -45,8 +45,11 @@ BODY = "aws_outbound_jwt_proxy.body"  # response extension: the ResponseBody (ab
 READ_SIZE = 64 * 1024
 SWEEP_INTERVAL = 5.0  # seconds between walks that close expired idle connections
 _ORIGINS_MAX = 1024
-_REPLAYABLE = frozenset({b"GET", b"OPTIONS", b"TRACE"})
-_REPLAY_ATTEMPTS = 3
+# A body-less request with one of these methods is sent again (at most REPLAY_ATTEMPTS times in
+# all) when a pooled connection the upstream had closed fails before any response byte.
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+REPLAY_ATTEMPTS = 3
+CLOSED_UNDER_US = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # A request target we refuse to write: a space or control character would split the request line.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
@@ -210,6 +213,38 @@ class ReleasingBody(httpx.AsyncByteStream):
                 release()
 
 
+class UpstreamSlots:
+    """At most ``limit`` requests in flight per upstream: a semaphore per origin, created on use.
+
+    One slow upstream must not take every pooled connection from the others. The
+    caller holds a slot until the response body is closed. Origins with nothing in
+    flight are forgotten once ``_ORIGINS_MAX`` are known.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._slots: dict[Origin, trio.Semaphore] = {}
+
+    async def acquire(self, origin: Origin) -> trio.Semaphore:
+        """Take ``origin``'s slot (waiting while all are taken); release it on the returned semaphore."""
+        slot = self._slots.get(origin)
+        if slot is None:
+            if len(self._slots) >= _ORIGINS_MAX:
+                for key in [k for k, s in self._slots.items() if s.value == self._limit]:
+                    del self._slots[key]
+            slot = self._slots[origin] = trio.Semaphore(self._limit)
+        try:
+            slot.acquire_nowait()  # the usual case: no checkpoint
+        except trio.WouldBlock:
+            await slot.acquire()
+        return slot
+
+
+def origin_of(url: httpx.URL) -> Origin:
+    scheme = url.scheme
+    return (scheme, url.host, url.port or (443 if scheme == "https" else 80))
+
+
 class DirectTransport(httpx.AsyncBaseTransport):
     """The pool of direct upstream connections (see the module docstring for what it keeps)."""
 
@@ -229,12 +264,11 @@ class DirectTransport(httpx.AsyncBaseTransport):
         self._guard = guard
         self._fallback = fallback
         self._max_idle = max_idle
-        self._max_per_upstream = max_per_upstream
         self._expiry = keepalive_expiry
         self._open = trio.Semaphore(max_connections)  # a token per open connection, idle ones included
         self._idle: dict[Origin, list[_Connection]] = {}
         self._idle_count = 0
-        self._slots: dict[Origin, trio.Semaphore] = {}
+        self._slots = UpstreamSlots(max_per_upstream)
         self._h2: set[Origin] = set()
         self._next_sweep = 0.0
         self._closed = False
@@ -242,15 +276,8 @@ class DirectTransport(httpx.AsyncBaseTransport):
     # ---- the request ------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        scheme = url.scheme
-        port = url.port or (443 if scheme == "https" else 80)
-        origin: Origin = (scheme, url.host, port)
-        slot = self._slot(origin)
-        try:
-            slot.acquire_nowait()
-        except trio.WouldBlock:
-            await slot.acquire()
+        origin = origin_of(request.url)
+        slot = await self._slots.acquire(origin)
         try:
             if origin in self._h2 or request.method == "HEAD":
                 return await self._via_fallback(request, slot)
@@ -261,8 +288,8 @@ class DirectTransport(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request, origin: Origin, slot: trio.Semaphore) -> httpx.Response:
         head = _request_head(request)
-        replayable = head.body is None and request.method.encode("ascii") in _REPLAYABLE
-        attempts = _REPLAY_ATTEMPTS if replayable else 1
+        replayable = head.body is None and request.method in REPLAYABLE_METHODS
+        attempts = REPLAY_ATTEMPTS if replayable else 1
         for attempt in range(attempts):
             conn = await self._connection(origin)
             if conn is None:  # the upstream chose HTTP/2
@@ -304,7 +331,7 @@ class DirectTransport(httpx.AsyncBaseTransport):
         except httpx.TransportError as exc:
             conn.close()
             self._open.release()
-            if conn.reused and not got_bytes and isinstance(exc, _STALE_ERRORS):
+            if conn.reused and not got_bytes and isinstance(exc, CLOSED_UNDER_US):
                 raise _Stale(exc) from None
             raise
         except BaseException:
@@ -336,15 +363,6 @@ class DirectTransport(httpx.AsyncBaseTransport):
         return response
 
     # ---- the pool ---------------------------------------------------------------------
-
-    def _slot(self, origin: Origin) -> trio.Semaphore:
-        slot = self._slots.get(origin)
-        if slot is None:
-            if len(self._slots) >= _ORIGINS_MAX:  # forget upstreams with nothing in flight
-                for key in [k for k, s in self._slots.items() if s.value == self._max_per_upstream]:
-                    del self._slots[key]
-            slot = self._slots[origin] = trio.Semaphore(self._max_per_upstream)
-        return slot
 
     async def _connection(self, origin: Origin) -> _Connection | None:
         """A quiet pooled connection to ``origin``, or a new one (None: the upstream chose HTTP/2)."""
@@ -439,9 +457,6 @@ class DirectTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
         self._idle_count = 0
         await self._fallback.aclose()
-
-
-_STALE_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class _WriteFailed(Exception):

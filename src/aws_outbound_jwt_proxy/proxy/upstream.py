@@ -20,7 +20,6 @@ when the guard refused every address; callers map errors with
 from __future__ import annotations
 
 import ssl
-from functools import partial
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
@@ -36,7 +35,15 @@ from ..routing.target import Target
 from .body import RequestBody
 from .dial import GuardedBackend, TunnelBackend
 from .exchange import UpstreamTimeout
-from .h1 import DirectTransport, ReleasingBody
+from .h1 import (
+    CLOSED_UNDER_US,
+    REPLAY_ATTEMPTS,
+    REPLAYABLE_METHODS,
+    DirectTransport,
+    ReleasingBody,
+    UpstreamSlots,
+    origin_of,
+)
 from .plan import Plan
 
 # Pool sizing, split over SHARDS independent pools (see ShardedTransport): at
@@ -48,10 +55,6 @@ MAX_PER_UPSTREAM = MAX_CONNECTIONS // 4  # one upstream never holds more than a 
 KEEPALIVE_EXPIRY = 60.0
 _NO_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
 _URL_CACHE_MAX = 1024
-_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_REPLAY_ATTEMPTS = 3
-# A connection that ended before any response byte (e.g. the upstream's idle close raced the request).
-_CLOSED_UNDER_US = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _TUNNEL = "tunnel:"  # egress_proxy extension prefix: a CONNECT tunnel through that proxy
 
 
@@ -82,7 +85,7 @@ class NoClientCookies(httpx.Cookies):
 def _replayable(request: httpx.Request) -> bool:
     headers = request.headers
     return (
-        request.method in _REPLAYABLE
+        request.method in REPLAYABLE_METHODS
         and "content-length" not in headers
         and "transfer-encoding" not in headers
     )
@@ -109,10 +112,10 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         # A pooled keep-alive connection the upstream closed just as the request went out (its
         # idle timeout racing us) fails before any response byte. A body-less idempotent request
         # is sent again on the same pool, which has dropped that connection, as Go does.
-        for _ in range(_REPLAY_ATTEMPTS - 1):
+        for _ in range(REPLAY_ATTEMPTS - 1):
             try:
                 return await shard.handle_async_request(request)
-            except _CLOSED_UNDER_US:
+            except CLOSED_UNDER_US:
                 pass
         return await shard.handle_async_request(request)
 
@@ -132,30 +135,17 @@ class PerUpstreamLimit(httpx.AsyncBaseTransport):
 
     def __init__(self, inner: httpx.AsyncBaseTransport, limit: int) -> None:
         self._inner = inner
-        self._limit = limit
-        self._limiters: dict[tuple[bytes, bytes, int | None], trio.CapacityLimiter] = {}
-
-    def _limiter(self, request: httpx.Request) -> trio.CapacityLimiter:
-        url = request.url
-        key = (url.raw_scheme, url.raw_host, url.port)
-        limiter = self._limiters.get(key)
-        if limiter is None:
-            if len(self._limiters) >= _URL_CACHE_MAX:  # forget idle upstreams
-                for idle in [k for k, lim in self._limiters.items() if lim.borrowed_tokens == 0]:
-                    del self._limiters[idle]
-            limiter = self._limiters[key] = trio.CapacityLimiter(self._limit)
-        return limiter
+        self._slots = UpstreamSlots(limit)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        limiter, slot = self._limiter(request), object()
-        await limiter.acquire_on_behalf_of(slot)
+        slot = await self._slots.acquire(origin_of(request.url))
         try:
             response = await self._inner.handle_async_request(request)
         except BaseException:
-            limiter.release_on_behalf_of(slot)
+            slot.release()
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = ReleasingBody(response.stream, partial(limiter.release_on_behalf_of, slot))
+        response.stream = ReleasingBody(response.stream, slot.release)
         return response
 
     async def aclose(self) -> None:
