@@ -333,3 +333,18 @@ def test_log_format() -> None:
     assert values.log_format(" JSON ") == "json"
     with pytest.raises(ValueError, match="must be json or text"):
         values.log_format("xml")
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--upstream-host=--", "--upstream-host: must be host[:port]"),
+        ("--listen-addr=--", "--listen-addr: invalid address '--'"),
+        ("--intercept-ca-key=--", "--intercept-ca-key: cannot read --"),
+    ],
+)
+def test_a_value_of_two_dashes_is_checked_like_any_other(arg: str, message: str) -> None:
+    # argparse (3.11) hands `--flag=--` over as an empty list; it must still be a one-line error.
+    with pytest.raises(ConfigError) as err:
+        config.load([arg], {})
+    assert str(err.value).startswith(message)

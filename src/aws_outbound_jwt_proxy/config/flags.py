@@ -234,7 +234,7 @@ def parse(
     names: dict[str, str] = {}
     from_env: dict[str, bool] = {}
     for row in rows:
-        given = getattr(ns, row.dest)
+        given = _dashes_restored(getattr(ns, row.dest), isinstance(row, ListFlag))
         if given is not None:
             text, name = given, row.option
         elif not row.no_env and row.env in env:
@@ -253,6 +253,19 @@ def parse(
         if name is not None:
             names[row.name] = name
     return Values(rows, values, names, from_env)
+
+
+def _dashes_restored(given: Any, repeatable: bool) -> Any:
+    """argparse (3.11) turns the value of ``--flag=--`` into ``[]``; it was ``--``.
+
+    Put it back, so the flag's own check refuses it with a one-line error instead
+    of the parser getting a list where it expects text.
+    """
+    if repeatable and isinstance(given, list):
+        return ["--" if item == [] else item for item in given]
+    if given == []:
+        return "--"
+    return given
 
 
 def split_list(value: str) -> list[str]:
