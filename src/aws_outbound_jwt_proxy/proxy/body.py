@@ -30,6 +30,7 @@ from ..routing.target import Target
 from . import headers as hdr
 
 CLOSE_GRACE = 5.0  # seconds a cancelled request may spend closing its upstream response
+_DETACHED = httpx.ByteStream(b"")  # what a closed upstream response keeps as its body stream
 
 
 class ClientDisconnected(Exception):
@@ -186,10 +187,19 @@ class ProxyResponse(Response):
 
 
 async def close_upstream(response: httpx.Response) -> None:
-    """Close an upstream response (and so free or drop its connection), even while cancelled."""
-    if not response.is_closed:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
-            await response.aclose()
+    """Close an upstream response (and so free or drop its connection), even while cancelled.
+
+    Then detach its body stream: httpx's client binds the stream back to the
+    response, a reference cycle that would leave every response (with its
+    request, headers and buffers) to the cyclic garbage collector instead of
+    being freed when the request ends.
+    """
+    try:
+        if not response.is_closed:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
+                await response.aclose()
+    finally:
+        response.stream = _DETACHED
 
 
 def plain(status: int, text: str, retry_after: int | None = None) -> ProxyResponse:

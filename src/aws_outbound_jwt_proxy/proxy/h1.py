@@ -81,12 +81,27 @@ class _Connection:
 class _Reader:
     """llhttp callbacks for one response: the head, then body chunks as they are parsed."""
 
-    __slots__ = ("chunks", "done", "extra", "head_done", "headers", "keep_alive", "parser", "reason")
+    __slots__ = (
+        "chunks",
+        "done",
+        "extra",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "parser",
+        "reason",
+        "status",
+        "version",
+    )
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser holds this object's callbacks and this object the parser: a reference
+        # cycle, broken by release() once the response is over, so both die with the request.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
+        self.status = 0
+        self.version = ""
         self.head_done = False
         self.keep_alive = False  # read at the end of the head: llhttp forgets it once the message ends
         self.chunks: list[bytes] = []
@@ -104,13 +119,17 @@ class _Reader:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # callbacks run inside feed()
+        status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: wait for the answer
             self.headers = []
             self.reason = b""
             return
         self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()
+        self.status = status
+        self.version = parser.get_http_version()
+        self.keep_alive = parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -120,12 +139,18 @@ class _Reader:
             self.done = True
 
     def feed(self, data: bytes | bytearray) -> None:
+        if self.parser is None:
+            raise httpx.ReadError("response already released")
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise httpx.RemoteProtocolError("upstream switched protocols on a plain request") from None
         except httptools.HttpParserError as exc:
             raise httpx.RemoteProtocolError(f"malformed response from upstream: {exc}") from None
+
+    def release(self) -> None:
+        """Drop the parser (and so the cycle through it); the reader parses nothing more."""
+        self.parser = None
 
     def until_close(self) -> bool:
         """Whether the body ends when the connection does (no length, not chunked)."""
@@ -155,6 +180,7 @@ class ResponseBody(httpx.AsyncByteStream):
         self._done: Callable[[_Connection, bool], None] | None = done
 
     def _finish(self, reuse: bool) -> None:
+        self._reader.release()
         if self._done is not None:
             done, self._done = self._done, None
             done(self._conn, reuse)
@@ -329,12 +355,14 @@ class DirectTransport(httpx.AsyncBaseTransport):
                 got_bytes = True
                 reader.feed(data)
         except httpx.TransportError as exc:
+            reader.release()
             conn.close()
             self._open.release()
             if conn.reused and not got_bytes and isinstance(exc, CLOSED_UNDER_US):
                 raise _Stale(exc) from None
             raise
         except BaseException:
+            reader.release()
             conn.close()
             self._open.release()
             raise
@@ -344,13 +372,12 @@ class DirectTransport(httpx.AsyncBaseTransport):
             slot.release()
 
         response_body = ResponseBody(conn, reader, write_error is None, done)
-        version = reader.parser.get_http_version()
         return httpx.Response(
-            reader.parser.get_status_code(),
+            reader.status,
             headers=reader.headers,
             stream=response_body,
             extensions={
-                "http_version": b"HTTP/" + version.encode("ascii"),
+                "http_version": b"HTTP/" + reader.version.encode("ascii"),
                 "reason_phrase": reader.reason,
                 BODY: response_body,
             },
