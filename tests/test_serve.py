@@ -451,8 +451,12 @@ def test_host_mode_request_naming_the_proxy_is_a_loop_not_a_storm(
 def test_freeze_startup_heap_puts_what_exists_out_of_the_collectors_reach() -> None:
     # The proxy calls this once it serves: what start-up built is never walked again.
     survivors = [{"n": n} for n in range(1000)]
+    thresholds = gc.get_threshold()
     try:
         serve.freeze_startup_heap()
         assert gc.get_freeze_count() >= len(survivors)
+        # and young collections are rarer: requests leave no cycles for them to find
+        assert gc.get_threshold() == (serve.YOUNG_GC_THRESHOLD, *thresholds[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
