@@ -11,11 +11,15 @@ and prints the count divided by the requests.
 
 It counts user-space instructions only: system calls and cache misses are not
 in it, so a change that saves a write (or touches less memory) is worth more
-than its count says. Under valgrind the server is ~50x slower; 300 requests at
-c = 1 take about half a minute.
+than its count says. ``--cache-sim`` adds callgrind's cache simulation and
+prints the data misses per request of a simulated 2 MiB L2 (one core's here):
+the cost that grows with requests in flight even when the instruction count
+does not. Under valgrind the server is ~50x slower; 300 requests at c = 1
+take about half a minute.
 
     .venv/bin/python bench/instructions.py --row proxy --connections 1,64
     .venv/bin/python bench/instructions.py --row proxy --venv /tmp/venv-main   # the A side of an A/B
+    .venv/bin/python bench/instructions.py --row proxy --connections 64 --cache-sim
 
 Rows: ``proxy`` (the console script in front of the bench's nginx, tokens from
 the STS emulator, as in ``run.py``) and ``hello`` (``bench/hello.py`` under
@@ -36,9 +40,13 @@ from pathlib import Path
 
 import run  # bench/ is on sys.path: this file runs as a script
 
+# --cache-sim: callgrind simulates a first-level cache and a last-level one; the last level is
+# set to one core's L2 here (2 MiB, 16-way), the level whose misses grow with requests in flight.
+CACHE_SIM = ["--cache-sim=yes", "--LL=2097152,16,64"]
 
-def count(venv: Path, row: str, conns: int, requests: int) -> float:
-    """Instructions per request of one row at one concurrency."""
+
+def count(venv: Path, row: str, conns: int, requests: int, cache_sim: bool = False) -> tuple[float, float]:
+    """Instructions per request of one row at one concurrency, and simulated L2 data misses (or 0)."""
     opts = run.parse_args(["--rows", "proxy", "--venv", str(venv)])
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmpdir:
         tmp = Path(tmpdir)
@@ -46,6 +54,7 @@ def count(venv: Path, row: str, conns: int, requests: int) -> float:
             port = run.free_port()
             out = tmp / "callgrind.out"
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+            cmd += CACHE_SIM if cache_sim else []
             cmd.append(str(venv / "bin" / "python"))
             if row == "hello":
                 cmd += [str(venv / "bin" / "hypercorn"), "--worker-class", "trio", "--workers", "0"]
@@ -89,12 +98,17 @@ def count(venv: Path, row: str, conns: int, requests: int) -> float:
             done = re.search(r"(\d+) done", result.stdout)
             if done is None or int(done.group(1)) != requests:
                 raise SystemExit(f"instructions: h2load did not finish every request:\n{result.stdout}")
-            total = 0
+            totals = dict.fromkeys(("Ir", "DLmr", "DLmw"), 0)
             for dump in tmp.glob("callgrind.out*"):
+                events: list[str] = []
                 for line in dump.read_text().splitlines():
-                    if line.startswith("totals:"):  # ("summary:" stays 0 with counting off at start)
-                        total += int(line.split()[1])
-            return total / requests
+                    if line.startswith("events:"):
+                        events = line.split()[1:]
+                    elif line.startswith("totals:"):  # ("summary:" stays 0 with counting off at start)
+                        for name, value in zip(events, line.split()[1:], strict=False):
+                            if name in totals:
+                                totals[name] += int(value)
+            return totals["Ir"] / requests, (totals["DLmr"] + totals["DLmw"]) / requests
 
 
 def main(argv: list[str]) -> int:
@@ -102,6 +116,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--row", choices=("proxy", "hello"), default="proxy", help="server under test")
     p.add_argument("--connections", default="1", help="comma-separated concurrencies (default 1)")
     p.add_argument("--requests", type=int, default=0, help="requests counted (default max(300, 20 x c))")
+    p.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches and print L2 data misses per request (~2x slower)",
+    )
     p.add_argument("--venv", type=Path, default=run.ROOT / ".venv", help="venv whose python runs the server")
     a = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "h2load", "taskset"):
@@ -109,8 +128,9 @@ def main(argv: list[str]) -> int:
             p.error(f"{tool} not found (Debian: apt-get install -y valgrind nghttp2-client)")
     for conns in (int(c) for c in a.connections.split(",") if c.strip()):
         requests = a.requests or max(300, 20 * conns)
-        per = count(a.venv.resolve(), a.row, conns, requests)
-        print(f"{a.row} c={conns} requests={requests} instructions/request={per:,.0f}")
+        per, misses = count(a.venv.resolve(), a.row, conns, requests, a.cache_sim)
+        line = f"{a.row} c={conns} requests={requests} instructions/request={per:,.0f}"
+        print(line + (f" L2-data-misses/request={misses:,.0f}" if a.cache_sim else ""))
     return 0
 
 
