@@ -354,17 +354,12 @@ class DirectTransport(httpx.AsyncBaseTransport):
                     )
                 got_bytes = True
                 reader.feed(data)
-        except httpx.TransportError as exc:
+        except BaseException as exc:
             reader.release()
             conn.close()
             self._open.release()
             if conn.reused and not got_bytes and isinstance(exc, CLOSED_UNDER_US):
                 raise _Stale(exc) from None
-            raise
-        except BaseException:
-            reader.release()
-            conn.close()
-            self._open.release()
             raise
 
         def done(conn: _Connection, reuse: bool) -> None:
