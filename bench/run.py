@@ -11,6 +11,8 @@ Rows (the wrk rows are measured at every concurrency in --connections):
                configured from the environment, on both CPUs (wrk shares CPU 0 with it)
   h2c          the proxy row's server driven by h2load over HTTP/2 with prior knowledge
                (--h2-clients connections x --h2-streams concurrent streams each)
+  baseline     only with --baseline VENV: the proxy row again, run from another venv (an older
+               commit installed there), right after the proxy row in every round: an A/B in one run
 
 wrk (and h2load) runs on CPU 0, the server under test on CPU 1; nginx upstreams and the STS emulator
 share CPU 0 with the client when they only support the row. Prints a markdown report and writes it to
@@ -46,7 +48,7 @@ from hello import BODY as HELLO_BODY  # bench/ is on sys.path: this file runs as
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 ROW_NAMES = ("direct", "nginx-proxy", "hello", "proxy", "proxy-w2", "h2c")
-WRK_ROWS = ("direct", "nginx-proxy", "hello", "proxy", "proxy-w2")
+WRK_ROWS = ("direct", "nginx-proxy", "hello", "proxy", "baseline", "proxy-w2")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 NGINX_MAIN = """\
@@ -136,6 +138,7 @@ class Options:
     server_cpu: int
     h2_clients: int
     h2_streams: int
+    baseline: Path | None = None  # venv of the baseline row (--baseline)
 
 
 @dataclass
@@ -431,9 +434,9 @@ def emulator(tmp: Path, opts: Options) -> Iterator[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def proxy(tmp: Path, opts: Options, upstream: Target) -> Iterator[Target]:
-    """The console script, one process, on the server CPU."""
-    script = str(opts.venv / "bin" / "aws-outbound-jwt-proxy")
+def proxy(tmp: Path, opts: Options, upstream: Target, venv: Path | None = None) -> Iterator[Target]:
+    """The console script from `venv` (default --venv), one process, on the server CPU."""
+    script = str((venv or opts.venv) / "bin" / "aws-outbound-jwt-proxy")
     with emulator(tmp, opts) as (sts_port, sts_pid):
         port = free_port()
         cmd = [script, "--listen-addr", f"127.0.0.1:{port}"]
@@ -446,7 +449,11 @@ def proxy(tmp: Path, opts: Options, upstream: Target) -> Iterator[Target]:
             if status != 200 or body != HELLO_BODY:
                 raise RowFailed(f"proxy answered {status} with a body that is not nginx's")
             helpers = [upstream.pid, sts_pid]
-            yield Target(f"http://127.0.0.1:{port}/", proc.pid, python_of(proc.pid), helpers)
+            server = python_of(proc.pid)
+            if venv is not None:
+                version = subprocess.run([script, "--version"], capture_output=True, text=True).stdout
+                server = f"{version.strip() or '?'} from {venv}, {server}"
+            yield Target(f"http://127.0.0.1:{port}/", proc.pid, server, helpers)
 
 
 @contextlib.contextmanager
@@ -618,6 +625,13 @@ def start_row(name: str, tmp: Path, opts: Options) -> Iterator[Target]:
     elif name == "hello":
         with hello(tmp, opts) as target:
             yield target
+    elif name == "baseline":
+        assert opts.baseline is not None
+        with (
+            nginx(tmp, "nginx", opts.wrk_cpu) as upstream,
+            proxy(tmp, opts, upstream, opts.baseline) as target,
+        ):
+            yield target
     elif name == "proxy-w2":
         with nginx(tmp, "nginx", opts.wrk_cpu) as upstream, proxy_workers(tmp, opts, upstream) as target:
             yield target
@@ -652,7 +666,7 @@ def run_row(result: RowResult, opts: Options, rnd: int) -> None:
                         file=sys.stderr,
                     )
                 rss_after, hwm = memory_kib(target.pid)
-                if result.name in ("proxy", "proxy-w2", "h2c"):
+                if result.name in ("proxy", "baseline", "proxy-w2", "h2c"):
                     result.notes.append(
                         f"round {rnd}: {result.name} RSS {rss_before / 1024:.1f} MiB after start-up, "
                         f"{rss_after / 1024:.1f} MiB after the run (peak {hwm / 1024:.1f} MiB, "
@@ -738,8 +752,8 @@ def report(results: list[RowResult], opts: Options, started: str, load: str, cod
         f"- {opts.duration} s per cell after {opts.warmup} s warm-up; "
         f"{opts.rounds} round(s), median of rounds shown",
         f"- GET / answered 200 with a {len(HELLO_BODY)}-byte body by every row (other statuses are errors)",
-        f"- proxy, proxy-w2, h2c, nginx-proxy rows: the upstream nginx (and the STS emulator) share "
-        f"CPU {opts.wrk_cpu} with the client",
+        "- proxy, baseline, proxy-w2, h2c, nginx-proxy rows: the upstream nginx (and the STS emulator) "
+        f"share CPU {opts.wrk_cpu} with the client",
     ]
     if "h2c" in opts.rows:
         lines.append(
@@ -791,6 +805,17 @@ def report(results: list[RowResult], opts: Options, started: str, load: str, cod
             ratio(rps("hello", conns), rps("nginx-proxy", conns)),
         ]
         lines.append("| " + " | ".join(cols) + " |")
+    if "baseline" in opts.rows:
+        lines += ["", "| c | proxy ÷ baseline (req/s) | proxy ÷ baseline (CPU µs/req) |", "|---:|---:|---:|"]
+        for conns in opts.connections:
+            cpu = {
+                row: median_cell(by_name[row].cells[conns]).cpu_us
+                for row in ("proxy", "baseline")
+                if row in by_name and conns in by_name[row].cells
+            }
+            cols = [str(conns), ratio(rps("proxy", conns), rps("baseline", conns))]
+            cols.append(ratio(cpu.get("proxy"), cpu.get("baseline")))
+            lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
     lines.append("— : a row it needs was not run or failed.")
     h2 = by_name.get("h2c")
@@ -867,6 +892,12 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument(
         "--results-dir", type=Path, default=BENCH_DIR / "results", help="where the report is written"
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="venv holding another build of the proxy (e.g. an older commit, pip-installed): adds the "
+        "baseline row after the proxy row, for an A/B in one run",
+    )
     p.add_argument("--wrk-cpu", type=int, default=0, help="CPU for wrk and helpers (default 0)")
     p.add_argument("--server-cpu", type=int, default=1, help="CPU for the server under test (default 1)")
     p.add_argument("--h2-clients", type=int, default=4, help="h2c row: h2load connections (default 4)")
@@ -875,7 +906,17 @@ def parse_args(argv: list[str]) -> Options:
     )
     a = p.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROW_NAMES]
+    if a.baseline is not None:
+        if not (a.baseline / "bin" / "aws-outbound-jwt-proxy").exists():
+            p.error(
+                f"--baseline: {a.baseline}/bin/aws-outbound-jwt-proxy not found "
+                "(pip install the other build into that venv)"
+            )
+        if "baseline" not in rows:
+            rows.insert(rows.index("proxy") + 1 if "proxy" in rows else len(rows), "baseline")
+    elif "baseline" in rows:
+        p.error("--rows: the baseline row needs --baseline VENV")
+    bad = [r for r in rows if r not in (*ROW_NAMES, "baseline")]
     if bad or not rows:
         p.error(
             f"--rows: unknown row(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ROW_NAMES)}"
@@ -908,6 +949,7 @@ def parse_args(argv: list[str]) -> Options:
         server_cpu=a.server_cpu,
         h2_clients=a.h2_clients,
         h2_streams=a.h2_streams,
+        baseline=a.baseline.resolve() if a.baseline is not None else None,
     )
 
 
