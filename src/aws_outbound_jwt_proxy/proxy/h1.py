@@ -38,6 +38,7 @@ import trio
 
 from ..routing.guard import Guard
 from .dial import open_tcp
+from .wire import write_all
 
 Origin = tuple[str, str, int]  # scheme, host, port
 BODY = "aws_outbound_jwt_proxy.body"  # response extension: the ResponseBody (absent on fallbacks)
@@ -336,7 +337,7 @@ class DirectTransport(httpx.AsyncBaseTransport):
         try:
             try:
                 if head.body is None:
-                    await conn.stream.send_all(head.data)
+                    await _send_all(conn.stream, head.data)
                 else:
                     await _send_body(conn.stream, head, request.stream)
                 write_error: httpx.WriteError | None = None
@@ -522,7 +523,7 @@ def _request_head(request: httpx.Request) -> _Head:
 
 async def _send_all(stream: trio.abc.Stream, data: bytes) -> None:
     try:
-        await stream.send_all(data)
+        await write_all(stream, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _WriteFailed(httpx.WriteError(str(exc) or "upstream connection broke")) from exc
 

@@ -36,6 +36,7 @@ from hypercorn.typing import ASGISendEvent, WebsocketResponseBodyEvent
 from ..proxy.link import LINK, Link
 from ..proxy.tunnel import Interception, offered
 from ..proxy.websocket import WS_ANSWERED_BY_SERVER
+from ..proxy.wire import write_all
 from . import tunnel
 
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
@@ -99,7 +100,7 @@ class GuardedTCPServer(TCPServer):
         try:
             try:
                 with trio.CancelScope(shield=True):
-                    await self.stream.send_all(data)
+                    await write_all(self.stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
         finally:
