@@ -15,6 +15,8 @@ import trio
 
 from aws_outbound_jwt_proxy.proxy.exchange import Exchange
 from aws_outbound_jwt_proxy.proxy.link import Link
+from aws_outbound_jwt_proxy.proxy.wire import write_all
+from aws_outbound_jwt_proxy.server import patches
 from tests.fixtures.proxy import FixedTokens, proxy_settings, running_proxy
 from tests.fixtures.upstreams import read_request_head, serve_raw
 
@@ -52,7 +54,11 @@ async def test_left_cancels_unfinished_requests_only() -> None:
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Writes]:
-    """Every write to a TCP socket in this process: (its local port, the bytes), in order."""
+    """Every write to a TCP socket in this process: (its local port, the bytes), in order.
+
+    The server writes through ``write_all`` (a non-blocking write first), everything else
+    through trio's ``send_all``; both are recorded.
+    """
     seen: Writes = []
     original = trio.SocketStream.send_all
 
@@ -60,7 +66,13 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Writes]:
         seen.append((self.socket.getsockname()[1], bytes(data)))
         await original(self, data)
 
+    async def recording_write_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
+        assert isinstance(stream, trio.SocketStream)
+        seen.append((stream.socket.getsockname()[1], bytes(data)))
+        await write_all(stream, data)
+
     monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    monkeypatch.setattr(patches, "write_all", recording_write_all)
     yield seen
 
 
