@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from aws_outbound_jwt_proxy.server import listener as listener_module
+from aws_outbound_jwt_proxy.server import patches
 from aws_outbound_jwt_proxy.server.listener import ACCEPT_BURST, BacklogListener
 
 
@@ -108,6 +109,13 @@ async def test_a_closed_listener_raises_what_trio_raises() -> None:
     await listener.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await listener.accept()
+
+
+def test_the_hypercorn_command_keeps_trios_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under `hypercorn -w N` the workers share one socket: one connection per pass spreads them.
+    monkeypatch.setattr(hypercorn.trio.run, "trio", trio)
+    patches.install()  # what the asgi module does
+    assert hypercorn.trio.run.trio is trio  # type: ignore[attr-defined]
 
 
 def test_install_makes_hypercorn_listen_through_it(monkeypatch: pytest.MonkeyPatch) -> None:

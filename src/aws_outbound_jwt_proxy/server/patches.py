@@ -291,7 +291,6 @@ def install() -> None:
         module.WSStream = GuardedWSStream  # type: ignore[attr-defined]
     if not getattr(hypercorn.logging._create_logger, "routed", False):
         _route_hypercorn_logs_to_ours()
-    from . import h2limits, listener  # HTTP/2 limits; the backlog-draining listener
+    from . import h2limits  # HTTP/2 backpressure and reset-rate limit (see that module)
 
     h2limits.install()
-    listener.install()

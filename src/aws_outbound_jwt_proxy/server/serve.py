@@ -30,7 +30,7 @@ from ..routing.egress import redact
 from ..routing.guard import METRICS_LISTENER, PROXY_LISTENER, Listener
 from ..tokens import sts
 from ..tokens import supervisor as tokens
-from . import patches
+from . import listener, patches
 
 log = logging.getLogger("aws_outbound_jwt_proxy.serve")
 
@@ -140,6 +140,7 @@ async def run(
     """Serve until ``stop`` is set (or SIGTERM/SIGINT); started() gets the proxy URLs."""
     stop = stop or trio.Event()
     patches.install()
+    listener.install()  # one process owns the listening socket: accept bursts whole
     proxy_cfg = hypercorn_config(
         settings.listen_host,
         settings.listen_port,
