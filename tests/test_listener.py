@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import hypercorn.trio.run
 import pytest
@@ -20,15 +22,20 @@ def _listening() -> tuple[BacklogListener, int]:
     return BacklogListener(trio.socket.from_stdlib_socket(sock)), sock.getsockname()[1]
 
 
-def _connect(port: int, count: int) -> list[socket.socket]:
+@contextlib.contextmanager
+def _clients(port: int, count: int) -> Iterator[list[socket.socket]]:
     """Clients whose connections wait in the kernel's backlog (connect completes without accept)."""
-    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
 
 
 async def test_connections_waiting_together_are_accepted_without_passing_through_the_scheduler() -> None:
     listener, port = _listening()
-    clients = _connect(port, 10)
-    try:
+    with _clients(port, 10) as clients:
         async with listener:
             streams = [await listener.accept()]  # waits for the first, as trio's listener does
             # The other nine were taken with it: handing them out lets no other task run first.
@@ -48,15 +55,11 @@ async def test_connections_waiting_together_are_accepted_without_passing_through
             assert got == {b"client %d" % i for i in range(10)}
             for s in streams:
                 await s.aclose()
-    finally:
-        for client in clients:
-            client.close()
 
 
 async def test_one_pass_takes_at_most_the_burst() -> None:
     listener, port = _listening()
-    clients = _connect(port, ACCEPT_BURST + 5)
-    try:
+    with _clients(port, ACCEPT_BURST + 5):
         async with listener:
             first = await listener.accept()
             assert len(listener._taken) == ACCEPT_BURST - 1
@@ -64,29 +67,21 @@ async def test_one_pass_takes_at_most_the_burst() -> None:
             assert len({s.socket.getpeername() for s in streams}) == ACCEPT_BURST + 5
             for s in streams:
                 await s.aclose()
-    finally:
-        for client in clients:
-            client.close()
 
 
 async def test_connections_taken_but_not_handed_out_are_closed_with_the_listener() -> None:
     listener, port = _listening()
-    clients = _connect(port, 3)
-    try:
+    with _clients(port, 3) as clients:
         async with listener:
             first = await listener.accept()
         await first.aclose()
         for client in clients:  # every client sees its connection end, none is left open
             assert client.recv(10) == b""
-    finally:
-        for client in clients:
-            client.close()
 
 
 async def test_a_cancelled_accept_keeps_the_connection_for_the_next_call() -> None:
     listener, port = _listening()
-    clients = _connect(port, 2)
-    try:
+    with _clients(port, 2) as clients:
         async with listener:
             first = await listener.accept()
             with trio.CancelScope() as scope:
@@ -99,9 +94,6 @@ async def test_a_cancelled_accept_keeps_the_connection_for_the_next_call() -> No
             }
             await first.aclose()
             await second.aclose()
-    finally:
-        for client in clients:
-            client.close()
 
 
 async def test_a_closed_listener_raises_what_trio_raises() -> None:
