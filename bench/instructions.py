@@ -22,7 +22,9 @@ take about half a minute.
     .venv/bin/python bench/instructions.py --row proxy --connections 64 --cache-sim
 
 Rows: ``proxy`` (the console script in front of the bench's nginx, tokens from
-the STS emulator, as in ``run.py``) and ``hello`` (``bench/hello.py`` under
+the STS emulator, as in ``run.py``), ``proxy-hypercorn`` (the same proxy under
+``hypercorn --workers 0`` configured from the environment: one proxy-w2
+worker's path) and ``hello`` (``bench/hello.py`` under
 ``hypercorn --workers 0``, the stack's ceiling). Needs valgrind
 (``apt-get install -y valgrind``) and h2load (``nghttp2-client``).
 """
@@ -56,10 +58,14 @@ def count(venv: Path, row: str, conns: int, requests: int, cache_sim: bool = Fal
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
             cmd += CACHE_SIM if cache_sim else []
             cmd.append(str(venv / "bin" / "python"))
+            env = run.proxy_env(sts_port)
             if row == "hello":
                 cmd += [str(venv / "bin" / "hypercorn"), "--worker-class", "trio", "--workers", "0"]
                 cmd += ["--config", str(run.BENCH_DIR / "hello.toml"), "--bind", f"127.0.0.1:{port}"]
                 cmd.append(f"{run.BENCH_DIR / 'hello.py'}:app")
+            elif row == "proxy-hypercorn":
+                cmd += run.hypercorn_cmd(venv, 0, port)
+                env = run.hypercorn_env(sts_port, upstream)
             else:
                 cmd += [str(venv / "bin" / "aws-outbound-jwt-proxy"), "--listen-addr", f"127.0.0.1:{port}"]
                 cmd += ["--upstream-host", upstream.url.removeprefix("http://").rstrip("/")]
@@ -67,7 +73,7 @@ def count(venv: Path, row: str, conns: int, requests: int, cache_sim: bool = Fal
             log = (tmp / "server.log").open("w")
             server = subprocess.Popen(
                 ["taskset", "-c", str(opts.server_cpu), *cmd],
-                env=run.proxy_env(sts_port),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -113,7 +119,8 @@ def count(venv: Path, row: str, conns: int, requests: int, cache_sim: bool = Fal
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--row", choices=("proxy", "hello"), default="proxy", help="server under test")
+    rows = ("proxy", "proxy-hypercorn", "hello")
+    p.add_argument("--row", choices=rows, default="proxy", help="server under test")
     p.add_argument("--connections", default="1", help="comma-separated concurrencies (default 1)")
     p.add_argument("--requests", type=int, default=0, help="requests counted (default max(300, 20 x c))")
     p.add_argument(

@@ -456,6 +456,21 @@ def proxy(tmp: Path, opts: Options, upstream: Target, venv: Path | None = None) 
             yield Target(f"http://127.0.0.1:{port}/", proc.pid, server, helpers)
 
 
+def hypercorn_env(sts_port: int, upstream: Target) -> dict[str, str]:
+    """proxy_env plus the proxy's settings as the environment variables the `hypercorn` command reads."""
+    env = proxy_env(sts_port)
+    env.update({flag.upper().replace("-", "_"): value for flag, value in PROXY_SETTINGS.items()})
+    env["UPSTREAM_HOST"] = upstream.url.removeprefix("http://").rstrip("/")
+    return env
+
+
+def hypercorn_cmd(venv: Path, workers: int, port: int) -> list[str]:
+    """The proxy under the `hypercorn` command (`workers` 0: served in hypercorn's own process)."""
+    cmd = [str(venv / "bin" / "hypercorn"), "--worker-class", "trio", "-w", str(workers)]
+    cmd += ["--keep-alive", "75", "--config", str(BENCH_DIR / "proxy-w2.toml")]
+    return [*cmd, "--bind", f"127.0.0.1:{port}", "aws_outbound_jwt_proxy.asgi:app"]
+
+
 @contextlib.contextmanager
 def proxy_workers(tmp: Path, opts: Options, upstream: Target) -> Iterator[Target]:
     """`hypercorn --worker-class trio -w 2 aws_outbound_jwt_proxy.asgi:app`, configured from env.
@@ -469,15 +484,9 @@ def proxy_workers(tmp: Path, opts: Options, upstream: Target) -> Iterator[Target
         port = free_port()
         prom = tmp / "prometheus-multiproc"
         prom.mkdir()
-        env = proxy_env(sts_port)
-        env.update({flag.upper().replace("-", "_"): value for flag, value in PROXY_SETTINGS.items()})
-        env.update(
-            UPSTREAM_HOST=upstream.url.removeprefix("http://").rstrip("/"),
-            PROMETHEUS_MULTIPROC_DIR=str(prom),
-        )
-        cmd = [str(opts.venv / "bin" / "hypercorn"), "--worker-class", "trio", "-w", "2"]
-        cmd += ["--keep-alive", "75", "--config", str(BENCH_DIR / "proxy-w2.toml")]
-        cmd += ["--bind", f"127.0.0.1:{port}", "aws_outbound_jwt_proxy.asgi:app"]
+        env = hypercorn_env(sts_port, upstream)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+        cmd = hypercorn_cmd(opts.venv, 2, port)
         cpus = sorted({opts.wrk_cpu, opts.server_cpu})
         with spawn("proxy-w2", cmd, ",".join(map(str, cpus)), tmp, env=env) as proc:
             wait_all_ready("proxy-w2", proc, port, opts.start_timeout, tmp)
