@@ -32,6 +32,11 @@ bench *args: _bench-tools
     ./scripts/setup
     .venv/bin/python bench/run.py "$@"
 
+# Two workers against one in adjacent pairs of short cells: the proxy-w2 / proxy ratio (just bench-scaling --pairs 12)
+bench-scaling *args: _bench-tools
+    ./scripts/setup
+    .venv/bin/python bench/scaling.py "$@"
+
 # Install wrk, nginx and h2load (nghttp2-client) from Debian when missing (needs root)
 _bench-tools:
     #!/usr/bin/env bash
