@@ -37,18 +37,25 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
 
 
+def levels(text: str) -> str:
+    """--connections: checked here, so a mistake is reported with this script's usage."""
+    if not all(part.strip().isdigit() and int(part) > 0 for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of positive integers: {text!r}")
+    return text
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--connections", default="16,64", help="comma-separated wrk -c levels (default 16,64)")
+    p.add_argument("--connections", type=levels, default="16,64", help="wrk -c levels (default 16,64)")
     p.add_argument("--pairs", type=int, default=8, help="cells per server and level (default 8)")
     p.add_argument("--duration", type=int, default=4, help="seconds per cell (default 4)")
     p.add_argument("--venv", type=Path, default=run.ROOT / ".venv", help="venv whose proxy is measured")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.duration < 1:
         p.error("--pairs and --duration must be at least 1")
-    opts = run.parse_args(["--rows", ",".join(ROWS), "--venv", str(args.venv), "--warmup", "0"])
+    settings = ["--rows", ",".join(ROWS), "--venv", str(args.venv), "--connections", args.connections]
+    opts = run.parse_args([*settings, "--warmup", "0"])
     opts.duration = args.duration
-    levels = [int(c) for c in args.connections.split(",")]
     lines = [
         f"# Scaling by workers, {args.pairs} adjacent pairs of {args.duration} s cells per level",
         "",
@@ -61,17 +68,17 @@ def main(argv: list[str]) -> int:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with contextlib.ExitStack() as stack:
-        targets = {}
+        targets, tmps = {}, {}
         for row in ROWS:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-scaling-{row}-")))
-            targets[row] = stack.enter_context(run.start_row(row, tmp, opts))
-        for conns in levels:
+            tmps[row] = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-scaling-{row}-")))
+            targets[row] = stack.enter_context(run.start_row(row, tmps[row], opts))
+        for conns in opts.connections:
             for target in targets.values():  # warm both up: pools filled, first-request paths taken
                 run.wrk(opts, target.url, conns, 2)
             cells: dict[str, list[run.Cell]] = {row: [] for row in ROWS}
             for i in range(args.pairs):
                 for row in ROWS if i % 2 == 0 else reversed(ROWS):
-                    cell = run.measure(opts, targets[row], conns, row, Path(tempfile.gettempdir()))
+                    cell = run.measure(opts, targets[row], conns, row, tmps[row])
                     cells[row].append(cell)
                     print(
                         f"  c={conns:<3} pair {i + 1}/{args.pairs} {row:8} {cell.rps:7.0f} req/s "
