@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from aws_outbound_jwt_proxy.proxy import h1
 from aws_outbound_jwt_proxy.proxy.exchange import Exchange
 from aws_outbound_jwt_proxy.proxy.link import Link
-from aws_outbound_jwt_proxy.proxy.wire import write_all
 from aws_outbound_jwt_proxy.server import patches
 from tests.fixtures.proxy import FixedTokens, proxy_settings, running_proxy
 from tests.fixtures.upstreams import read_request_head, serve_raw
@@ -56,23 +56,21 @@ async def test_left_cancels_unfinished_requests_only() -> None:
 def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Writes]:
     """Every write to a TCP socket in this process: (its local port, the bytes), in order.
 
-    The server writes through ``write_all`` (a non-blocking write first), everything else
-    through trio's ``send_all``; both are recorded.
+    The server and the upstream transport write through ``write_all``, everything else
+    through trio's ``send_all``. Both are replaced by one recorder that sends with trio's
+    own ``send_all``: each write is recorded once, whichever way it came.
     """
     seen: Writes = []
     original = trio.SocketStream.send_all
 
-    async def recording(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
-        seen.append((self.socket.getsockname()[1], bytes(data)))
-        await original(self, data)
-
-    async def recording_write_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
+    async def recording(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
         assert isinstance(stream, trio.SocketStream)
         seen.append((stream.socket.getsockname()[1], bytes(data)))
-        await write_all(stream, data)
+        await original(stream, data)
 
     monkeypatch.setattr(trio.SocketStream, "send_all", recording)
-    monkeypatch.setattr(patches, "write_all", recording_write_all)
+    monkeypatch.setattr(patches, "write_all", recording)
+    monkeypatch.setattr(h1, "write_all", recording)
     yield seen
 
 
