@@ -32,7 +32,7 @@ bench *args: _bench-tools
     ./scripts/setup
     .venv/bin/python bench/run.py "$@"
 
-# Two workers against one in adjacent pairs of short cells: the proxy-w2 / proxy ratio (just bench-scaling --pairs 12)
+# Two workers against one in adjacent pairs of short cells, the proxy and a bare control app (just bench-scaling --apps proxy,fetch,hello)
 bench-scaling *args: _bench-tools
     ./scripts/setup
     .venv/bin/python bench/scaling.py "$@"

@@ -13,6 +13,7 @@ Rows (the wrk rows are measured at every concurrency in --connections):
                (--h2-clients connections x --h2-streams concurrent streams each)
   baseline     only with --baseline VENV: the proxy row again, run from another venv (an older
                commit installed there), right after the proxy row in every round: an A/B in one run
+  (bench/scaling.py also starts hello-w2, fetch and fetch-w2 here: see its docstring)
 
 wrk (and h2load) runs on CPU 0, the server under test on CPU 1; nginx upstreams and the STS emulator
 share CPU 0 with the client when they only support the row. Prints a markdown report and writes it to
@@ -381,21 +382,27 @@ def nginx(tmp: Path, name: str, cpu: int, upstream: Target | None = None) -> Ite
 
 
 @contextlib.contextmanager
-def hello(tmp: Path, opts: Options) -> Iterator[Target]:
+def bare_app(
+    tmp: Path, opts: Options, name: str, workers: int, upstream: Target | None = None
+) -> Iterator[Target]:
+    """bench/hello.py (or bench/fetch.py, forwarding to `upstream`) on `hypercorn --worker-class trio`.
+
+    One worker runs on the server CPU, as the hello row does; more run on both CPUs like proxy-w2.
+    """
     port = free_port()
-    cmd = [
-        str(opts.venv / "bin" / "hypercorn"),
-        "--worker-class",
-        "trio",
-        "--config",
-        str(BENCH_DIR / "hello.toml"),
-        "--bind",
-        f"127.0.0.1:{port}",
-        f"{BENCH_DIR / 'hello.py'}:app",
-    ]
-    with spawn("hello", cmd, str(opts.server_cpu), tmp) as proc:
-        wait_ready("hello", proc, port, opts.start_timeout, tmp, want_200=True)
-        yield Target(f"http://127.0.0.1:{port}/", proc.pid, python_of(proc.pid))
+    module, env = "hello", None
+    if upstream is not None:
+        module = "fetch"
+        env = {**os.environ, "BENCH_UPSTREAM": upstream.url.removeprefix("http://").rstrip("/")}
+    cmd = [str(opts.venv / "bin" / "hypercorn"), "--worker-class", "trio", "-w", str(workers)]
+    cmd += ["--config", str(BENCH_DIR / "hello.toml"), "--bind", f"127.0.0.1:{port}"]
+    cmd += [f"{BENCH_DIR / module}.py:app"]
+    cpus = [opts.server_cpu] if workers == 1 else sorted({opts.wrk_cpu, opts.server_cpu})
+    with spawn(name, cmd, ",".join(map(str, cpus)), tmp, env=env) as proc:
+        wait_all_ready(name, proc, port, opts.start_timeout, tmp)
+        helpers = [upstream.pid] if upstream else []
+        server = f"{python_of(proc.pid)}, hypercorn -w {workers}"
+        yield Target(f"http://127.0.0.1:{port}/", proc.pid, server, helpers, cpus if workers > 1 else [])
 
 
 def proxy_env(sts_port: int) -> dict[str, str]:
@@ -602,7 +609,7 @@ def measure(opts: Options, target: Target, conns: int, row: str, tmp: Path) -> C
         other_wrk = max(0.0, (busy[opts.wrk_cpu] - ours_on_wrk_cpu) / seconds)
         other_server = max(0.0, (sum(busy[c] for c in server_cpus) - cpu) / seconds)
     split = []
-    if row == "proxy-w2" and cpu > 0:  # a supervisor and its workers: how the load spread
+    if row.endswith("-w2") and cpu > 0:  # a supervisor and its workers: how the load spread
         shares = (v / cpu for p, v in per_proc.items() if p != target.pid)
         split = sorted((share for share in shares if share >= 0.01), reverse=True)
     rss, _ = memory_kib(target.pid)
@@ -631,8 +638,14 @@ def start_row(name: str, tmp: Path, opts: Options) -> Iterator[Target]:
             nginx(tmp, "nginx-proxy", opts.server_cpu, upstream) as target,
         ):
             yield target
-    elif name == "hello":
-        with hello(tmp, opts) as target:
+    elif name in ("hello", "hello-w2"):
+        with bare_app(tmp, opts, name, 2 if name == "hello-w2" else 1) as target:
+            yield target
+    elif name in ("fetch", "fetch-w2"):
+        with (
+            nginx(tmp, "nginx", opts.wrk_cpu) as upstream,
+            bare_app(tmp, opts, name, 2 if name == "fetch-w2" else 1, upstream) as target,
+        ):
             yield target
     elif name == "baseline":
         assert opts.baseline is not None

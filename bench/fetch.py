@@ -1,0 +1,67 @@
+"""The least a forwarding app does on this stack: hypercorn-trio plus one raw upstream round trip per request.
+
+Served by bench/scaling.py (its "fetch" pair) as `hypercorn --worker-class trio --config bench/hello.toml
+bench/fetch.py:app` with BENCH_UPSTREAM=127.0.0.1:<port of the bench's nginx>. For every request it takes
+an idle keep-alive connection to that nginx (or opens one), sends one fixed GET, reads the answer by its
+Content-Length and returns the body. No framework, no HTTP client library, no header copied, no token:
+the control for how an app that waits on an upstream living on the client's CPU scales with workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+UPSTREAM = os.environ.get("BENCH_UPSTREAM", "127.0.0.1:80")
+HOST, _, PORT = UPSTREAM.rpartition(":")
+REQUEST = f"GET / HTTP/1.1\r\nHost: {UPSTREAM}\r\n\r\n".encode()
+idle: list[trio.SocketStream] = []  # keep-alive connections to the upstream, one per request in flight
+
+
+async def fetch() -> bytes:
+    """One GET over an idle (or new) upstream connection; the connection goes back when the body is whole."""
+    stream = idle.pop() if idle else await trio.open_tcp_stream(HOST, int(PORT))
+    await stream.send_all(REQUEST)
+    data = b""
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            await stream.aclose()
+            raise ConnectionError("the upstream closed the connection mid-response")
+        data += chunk
+        head, found, body = data.partition(b"\r\n\r\n")
+        if not found:
+            continue
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        )
+        if len(body) >= length:
+            idle.append(stream)
+            return body[:length]
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    body = await fetch()
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
