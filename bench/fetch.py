@@ -29,25 +29,28 @@ idle: list[trio.SocketStream] = []  # keep-alive connections to the upstream, on
 async def fetch() -> bytes:
     """One GET over an idle (or new) upstream connection; the connection goes back when the body is whole."""
     stream = idle.pop() if idle else await trio.open_tcp_stream(HOST, int(PORT))
-    await stream.send_all(REQUEST)
-    data = b""
-    while True:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            await stream.aclose()
-            raise ConnectionError("the upstream closed the connection mid-response")
-        data += chunk
-        head, found, body = data.partition(b"\r\n\r\n")
-        if not found:
-            continue
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")[1:]
-            if line.lower().startswith(b"content-length:")
-        )
-        if len(body) >= length:
-            idle.append(stream)
-            return body[:length]
+    try:
+        await stream.send_all(REQUEST)
+        data = b""
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise ConnectionError("the upstream closed the connection mid-response")
+            data += chunk
+            head, found, body = data.partition(b"\r\n\r\n")
+            if not found:
+                continue
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")[1:]
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(body) >= length:
+                idle.append(stream)
+                return body[:length]
+    except BaseException:  # cancelled (the client went away) or broken: the connection is not reused
+        await trio.aclose_forcefully(stream)
+        raise
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
