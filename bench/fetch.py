@@ -10,15 +10,9 @@ the control for how an app that waits on an upstream living on the client's CPU 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from hello import Receive, Scope, Send, lifespan  # hypercorn puts bench/ on sys.path for a file path app
 
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "127.0.0.1:80")
 HOST, _, PORT = UPSTREAM.rpartition(":")
@@ -55,13 +49,8 @@ async def fetch() -> bytes:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     body = await fetch()
