@@ -156,6 +156,7 @@ class Cell:
     other_server: float  # share of the server's CPU used by other processes (noise), 0..1
     shared: bool = False  # server and client share CPUs: other_* is one figure for both
     split: list[float] = field(default_factory=list)  # CPU share per worker process (multi-worker rows)
+    steal: float = 0.0  # share of the server CPUs' time the hypervisor took (part of other_server), 0..1
 
 
 @dataclass
@@ -294,16 +295,18 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_busy(cpu: int) -> float:
-    """Seconds CPU `cpu` has run processes (user, nice, system) or lost to the hypervisor (steal).
+def cpu_busy(cpu: int) -> tuple[float, float]:
+    """Seconds CPU `cpu` has been busy, and of those, lost to the hypervisor.
 
-    Interrupt time is left out: loopback traffic of the bench itself is handled there.
+    Busy is running processes (user, nice, system) or stolen (steal: the virtual CPU
+    wanted to run and the host ran something else). Interrupt time is left out:
+    loopback traffic of the bench itself is handled there.
     """
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
             user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in line.split()[1:9])
-            return (user + nice + system + steal) / CLK_TCK
-    return 0.0
+            return (user + nice + system + steal) / CLK_TCK, steal / CLK_TCK
+    return 0.0, 0.0
 
 
 def children_cpu() -> float:
@@ -580,7 +583,7 @@ def measure(opts: Options, target: Target, conns: int, row: str, tmp: Path) -> C
     shared = opts.wrk_cpu in server_cpus
     busy_cpus = sorted({opts.wrk_cpu, *server_cpus})
 
-    def snapshot() -> tuple[dict[int, float], dict[int, float], float]:
+    def snapshot() -> tuple[dict[int, float], dict[int, tuple[float, float]], float]:
         helpers = sum(cpu_seconds(pid) for pid in target.helpers) + children_cpu()
         return cpu_by_pid(target.pid), {c: cpu_busy(c) for c in busy_cpus}, helpers
 
@@ -593,7 +596,8 @@ def measure(opts: Options, target: Target, conns: int, row: str, tmp: Path) -> C
 
     per_proc = {p: procs1[p] - procs0.get(p, 0.0) for p in procs1}
     cpu = sum(per_proc.values())
-    busy = {c: busy1[c] - busy0[c] for c in busy_cpus}
+    busy = {c: busy1[c][0] - busy0[c][0] for c in busy_cpus}
+    stolen = sum(busy1[c][1] - busy0[c][1] for c in server_cpus)
     ours_on_wrk_cpu = helpers1 - helpers0
     seconds = res["duration_us"] / 1e6
     requests = res["requests"]
@@ -624,6 +628,7 @@ def measure(opts: Options, target: Target, conns: int, row: str, tmp: Path) -> C
         other_server=other_server,
         shared=shared,
         split=split,
+        steal=stolen / seconds / len(server_cpus),
     )
 
 
@@ -712,6 +717,7 @@ def median_cell(cells: list[Cell]) -> Cell:
         rss_mib=statistics.median(c.rss_mib for c in cells),
         other_wrk=max(c.other_wrk for c in cells),
         other_server=max(c.other_server for c in cells),
+        steal=max(c.steal for c in cells),
         shared=cells[0].shared,
         split=cells[-1].split,
     )

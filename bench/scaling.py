@@ -17,7 +17,11 @@ idle. Pairs (--apps):
   hello  bench/hello.py the same way: the stack with no upstream at all
 
 Printed per pair and level: the median over the pairs of req/s and CPU per
-request for each side, and of the two ratios, with their range.
+request for each side, and of the two ratios, with their range; the share of
+the server CPUs' time the hypervisor took (steal, from /proc/stat) on each
+side, and the req/s ratio once each side is divided by the CPU time it was
+left (rps / (1 - steal)): on a shared VM a second busy virtual CPU can cost
+both of them time that no change to the server gets back.
 
     just bench-scaling            # proxy and fetch pairs, c = 16, 64, 8 pairs of 4 s cells (~6 min)
     .venv/bin/python bench/scaling.py --apps proxy --connections 16 --pairs 12 --duration 3
@@ -42,6 +46,11 @@ PAIRS = {"proxy": ("proxy", "proxy-w2"), "fetch": ("fetch", "fetch-w2"), "hello"
 def spread(values: list[float], fmt: str) -> str:
     """Median and range: `1.80 (1.71 to 1.86)`."""
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
+
+
+def left(cell: run.Cell) -> float:
+    """req/s per share of the server CPUs' time the hypervisor left it."""
+    return cell.rps / max(1.0 - cell.steal, 0.01)
 
 
 def levels(text: str) -> str:
@@ -80,8 +89,8 @@ def main(argv: list[str]) -> int:
         "and the pair's nginx upstream (and STS emulator)",
         "",
         "| pair | c | w1 req/s | w2 req/s | w2 ÷ w1 req/s | w1 CPU µs/req | w2 CPU µs/req "
-        "| w2 ÷ w1 CPU/req | worst other load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| w2 ÷ w1 CPU/req | steal w1 / w2 | w2 ÷ w1 req/s per CPU left | worst other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with contextlib.ExitStack() as stack:
         targets, tmps = {}, {}
@@ -99,24 +108,29 @@ def main(argv: list[str]) -> int:
                         cells[row].append(cell)
                         print(
                             f"  c={conns:<3} pair {i + 1}/{args.pairs} {row:8} {cell.rps:7.0f} req/s "
-                            f"{cell.cpu_us:6.0f} µs/req  other load {cell.other_server:.0%}",
+                            f"{cell.cpu_us:6.0f} µs/req  other load {cell.other_server:.0%} "
+                            f"(steal {cell.steal:.0%})",
                             file=sys.stderr,
                         )
             for app in args.apps:
                 one, two = (cells[row] for row in PAIRS[app])
                 rps_ratio = [b.rps / a.rps for a, b in zip(one, two, strict=True)]
                 cpu_ratio = [b.cpu_us / a.cpu_us for a, b in zip(one, two, strict=True)]
+                left_ratio = [left(b) / left(a) for a, b in zip(one, two, strict=True)]
+                steal = (statistics.median(c.steal for c in cells) for cells in (one, two))
                 other = max(max(c.other_wrk, c.other_server) for c in one + two)
                 lines.append(
                     f"| {app} | {conns} | {statistics.median(c.rps for c in one):,.0f} "
                     f"| {statistics.median(c.rps for c in two):,.0f} | {spread(rps_ratio, '.2f')} "
                     f"| {statistics.median(c.cpu_us for c in one):,.0f} "
                     f"| {statistics.median(c.cpu_us for c in two):,.0f} | {spread(cpu_ratio, '.2f')} "
-                    f"| {other:.0%} |"
+                    f"| {' / '.join(f'{share:.0%}' for share in steal)} "
+                    f"| {spread(left_ratio, '.2f')} | {other:.0%} |"
                 )
     lines += [
         "",
         "Ratios are per pair (the two cells run back to back), then the median and range over the pairs.",
+        "Steal: median share of the server CPUs' time taken by the hypervisor (w1: CPU 1; w2: both).",
     ]
     print("\n".join(lines))
     return 0
