@@ -255,15 +255,18 @@ async def test_a_host_outside_the_allow_list_gets_403_and_nothing_is_called(
     [
         ("localhost", "localhost", 400, b"host:port expected"),
         ("localhost:1/x", "localhost", 400, b"invalid CONNECT target"),
-        # the SSRF guard refuses this literal before any connection: no packet leaves (no namespace needed)
-        ("169.254.169.254:443", "169.254.169.254", 403, b"upstream not allowed"),
+        # denied by --denied-upstream-cidrs (below); the metadata address itself is tried only inside a
+        # private network namespace (tests/test_ssrf_namespace.py), so no packet can reach it from here
+        ("127.0.0.2:443", "127.0.0.2", 403, b"upstream not allowed"),
         ("127.0.0.1:PROXY", "127.0.0.1", 508, b"loop"),  # the proxy itself
     ],
 )
 async def test_connect_targets_the_proxy_refuses(
     intercept_ca: InterceptCA, tokens: FixedTokens, authority: str, allowed: str, status: int, body: bytes
 ) -> None:
-    settings = proxy_settings(*intercept_ca.flags(), "--allowed-upstream-hosts", allowed)
+    settings = proxy_settings(
+        *intercept_ca.flags(), "--allowed-upstream-hosts", allowed, "--denied-upstream-cidrs", "127.0.0.2/32"
+    )
     async with running_proxy(settings, tokens) as url:
         stream, head, rest = await connect(url, authority.replace("PROXY", str(port_of(url))))
         async with stream:

@@ -21,7 +21,9 @@ ROOT = Path(__file__).parents[1]
 
 # Run by the child inside the namespace (the addresses below never leave it).
 CHILD = r"""
-import json, sys, httpx, trio
+import json, sys, tempfile, httpx, trio
+from pathlib import Path
+from tests.fixtures.intercept import write_ca
 from tests.fixtures.proxy import FixedTokens, proxy_settings, running_proxy
 
 TARGETS = [  # namespace-only: metadata, ECS, EKS Pod Identity, EC2 IPv6, mapped, numeric, Alibaba, link-local
@@ -42,6 +44,21 @@ async def main():
                 r = await fwd.get("http://169.254.169.254/latest/meta-data/")
                 out[f"{name} absolute"] = r.status_code
         out[f"{name} tokens"] = len(tokens.asked)
+    # CONNECT interception to an allow-listed metadata address: refused by the deny list.
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = write_ca(Path(tmp))
+        settings = proxy_settings(*ca.flags(), "--allowed-upstream-hosts", "169.254.169.254")
+        async with running_proxy(settings, FixedTokens()) as url:
+            host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                target = b"169.254.169.254:443"
+                await stream.send_all(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+                answer = b""
+                with trio.fail_after(10):
+                    while b"\r\n\r\n" not in answer:
+                        answer += await stream.receive_some(65536)
+            out["connect head"] = answer.split(b"\r\n", 1)[0].decode()
     print(json.dumps(out))
 
 trio.run(main)
@@ -64,6 +81,7 @@ def test_default_deny_list_in_a_private_network_namespace() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results.pop("connect head").startswith("HTTP/1.1 403 ")  # CONNECT to metadata, interception on
     default = {k: v for k, v in results.items() if k.startswith("default ") and k != "default tokens"}
     off = {k: v for k, v in results.items() if k.startswith("off ") and k != "off tokens"}
     assert set(default.values()) == {403}, default  # refused, in the namespace
