@@ -135,11 +135,3 @@ def value(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | None
         if name.lower() == wanted:
             return val
     return None
-
-
-def has_token(headers: Iterable[tuple[bytes, bytes]], wanted: bytes, token: bytes) -> bool:
-    """Header ``wanted`` (lower-case) lists ``token`` (lower-case) in a comma list."""
-    for name, val in headers:
-        if name.lower() == wanted and any(t.strip().lower() == token for t in val.split(b",")):
-            return True
-    return False

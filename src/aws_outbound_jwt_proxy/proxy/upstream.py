@@ -172,7 +172,7 @@ class EgressTransport(httpx.AsyncBaseTransport):
 
 
 def _egress_proxy(url: str, tls: ssl.SSLContext) -> httpx.Proxy:
-    """An HTTP_PROXY for absolute-form requests; an https:// proxy is verified like an upstream."""
+    """The egress proxy at ``url``; an https:// proxy is verified like an upstream."""
     return httpx.Proxy(url, ssl_context=tls if url.startswith("https://") else None)
 
 
@@ -188,10 +188,7 @@ def _transport(
         http2=True,
         trust_env=False,
         limits=limits,
-        # An https:// proxy is verified like an upstream.
-        proxy=httpx.Proxy(proxy, ssl_context=tls if proxy.startswith("https://") else None)
-        if proxy
-        else None,
+        proxy=_egress_proxy(proxy, tls) if proxy else None,
     )
     if backend is not None:
         # httpx 0.28 takes no network backend, its pool does (why httpx is pinned below 0.29).
