@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
                 rps_ratio = [b.rps / a.rps for a, b in zip(one, two, strict=True)]
                 cpu_ratio = [b.cpu_us / a.cpu_us for a, b in zip(one, two, strict=True)]
                 left_ratio = [left(b) / left(a) for a, b in zip(one, two, strict=True)]
-                steal = (statistics.median(c.steal for c in cells) for cells in (one, two))
+                steal = (statistics.median(c.steal for c in side) for side in (one, two))
                 other = max(max(c.other_wrk, c.other_server) for c in one + two)
                 lines.append(
                     f"| {app} | {conns} | {statistics.median(c.rps for c in one):,.0f} "
