@@ -157,6 +157,7 @@ class Cell:
     shared: bool = False  # server and client share CPUs: other_* is one figure for both
     split: list[float] = field(default_factory=list)  # CPU share per worker process (multi-worker rows)
     steal: float = 0.0  # share of the server CPUs' time the hypervisor took (part of other_server), 0..1
+    client_us: float = 0.0  # CPU per request of wrk (or h2load) and the helpers (nginx, emulator)
 
 
 @dataclass
@@ -629,6 +630,7 @@ def measure(opts: Options, target: Target, conns: int, row: str, tmp: Path) -> C
         shared=shared,
         split=split,
         steal=stolen / seconds / len(server_cpus),
+        client_us=ours_on_wrk_cpu / requests * 1e6 if requests else 0.0,
     )
 
 

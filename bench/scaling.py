@@ -21,7 +21,10 @@ request for each side, and of the two ratios, with their range; the share of
 the server CPUs' time the hypervisor took (steal, from /proc/stat) on each
 side, and the req/s ratio once each side is divided by the CPU time it was
 left (rps / (1 - steal)): on a shared VM a second busy virtual CPU can cost
-both of them time that no change to the server gets back.
+both of them time that no change to the server gets back. Then the limit: the
+ratio a second worker could give at no extra CPU per request, 2 / (1 + client /
+server) from the w1 cell, where client is what wrk and the pair's helpers spend
+per request; once both CPUs are busy they share them with the workers.
 
     just bench-scaling            # proxy and fetch pairs, c = 16, 64, 8 pairs of 4 s cells (~6 min)
     .venv/bin/python bench/scaling.py --apps proxy --connections 16 --pairs 12 --duration 3
@@ -51,6 +54,17 @@ def spread(values: list[float], fmt: str) -> str:
 def left(cell: run.Cell) -> float:
     """req/s per share of the server CPUs' time the hypervisor left it."""
     return cell.rps / max(1.0 - cell.steal, 0.01)
+
+
+def limit(one: run.Cell) -> float:
+    """The w2 ÷ w1 req/s this topology allows, from the one-worker cell.
+
+    One worker saturates CPU 1 at `cpu_us` per request, so w1 serves 1 / cpu_us per
+    CPU-second. With two workers both CPUs are busy, and every request also costs the
+    client side's `client_us` (wrk, nginx, emulator) on them: at best
+    2 / (cpu_us + client_us). The ratio of the two is 2 / (1 + client_us / cpu_us).
+    """
+    return 2 * one.cpu_us / (one.cpu_us + one.client_us) if one.cpu_us else 0.0
 
 
 def levels(text: str) -> str:
@@ -89,8 +103,8 @@ def main(argv: list[str]) -> int:
         "and the pair's nginx upstream (and STS emulator)",
         "",
         "| pair | c | w1 req/s | w2 req/s | w2 ÷ w1 req/s | w1 CPU µs/req | w2 CPU µs/req "
-        "| w2 ÷ w1 CPU/req | steal w1 / w2 | w2 ÷ w1 req/s per CPU left | worst other load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| w2 ÷ w1 CPU/req | steal w1 / w2 | w2 ÷ w1 req/s per CPU left | limit | worst other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with contextlib.ExitStack() as stack:
         targets, tmps = {}, {}
@@ -117,6 +131,7 @@ def main(argv: list[str]) -> int:
                 rps_ratio = [b.rps / a.rps for a, b in zip(one, two, strict=True)]
                 cpu_ratio = [b.cpu_us / a.cpu_us for a, b in zip(one, two, strict=True)]
                 left_ratio = [left(b) / left(a) for a, b in zip(one, two, strict=True)]
+                limits = [limit(a) for a in one]
                 steal = (statistics.median(c.steal for c in side) for side in (one, two))
                 other = max(max(c.other_wrk, c.other_server) for c in one + two)
                 lines.append(
@@ -125,12 +140,15 @@ def main(argv: list[str]) -> int:
                     f"| {statistics.median(c.cpu_us for c in one):,.0f} "
                     f"| {statistics.median(c.cpu_us for c in two):,.0f} | {spread(cpu_ratio, '.2f')} "
                     f"| {' / '.join(f'{share:.0%}' for share in steal)} "
-                    f"| {spread(left_ratio, '.2f')} | {other:.0%} |"
+                    f"| {spread(left_ratio, '.2f')} | {statistics.median(limits):.2f} | {other:.0%} |"
                 )
     lines += [
         "",
         "Ratios are per pair (the two cells run back to back), then the median and range over the pairs.",
         "Steal: median share of the server CPUs' time taken by the hypervisor (w1: CPU 1; w2: both).",
+        "Limit: the w2 ÷ w1 req/s a second worker could give at no extra CPU per request, median over the "
+        "pairs: 2 ÷ (1 + client ÷ server), from the w1 cell's CPU per request of the server and of the "
+        "client side (wrk, nginx, emulator), which shares the CPUs once both are busy.",
     ]
     print("\n".join(lines))
     return 0
