@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import http.server
 import json
 import socket
 import ssl
@@ -16,12 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -108,36 +105,6 @@ def test_bogus_credentials_give_502_token_unavailable(
     assert "definitely-wrong" not in "\n".join(proxy.lines)
     # The upstream was never called.
     assert not [r for r in echo.records() if r.get("target") == "/secret"]
-
-
-class _Held(http.server.BaseHTTPRequestHandler):
-    """Answers only once the test releases it: an in-flight request on demand."""
-
-    arrived: threading.Event
-    release: threading.Event
-
-    def do_GET(self) -> None:
-        self.arrived.set()
-        self.release.wait(30)
-        body = b"finished"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def held_upstream() -> Iterator[tuple[str, threading.Event, threading.Event]]:
-    arrived, release = threading.Event(), threading.Event()
-    handler = type("Handler", (_Held,), {"arrived": arrived, "release": release})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}", arrived, release
-    release.set()
-    server.shutdown()
 
 
 def test_sigterm_drains_in_flight_then_exits_0(
@@ -336,6 +303,7 @@ def test_hypercorn_command_serves_the_same_app(
     port = _free_port()
     env = base_env(sts_emulator.env)
     env.update({"UPSTREAM_HOST": echo.host, "UPSTREAM_SCHEME": "http", "METRICS_ENABLED": "false"})
+    env["WORKERS"] = "3"  # the console script's; hypercorn's -w decides here
     hypercorn = Path(sys.executable).with_name("hypercorn")
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("w") as stderr:
@@ -372,6 +340,8 @@ def test_hypercorn_command_serves_the_same_app(
     records = [json.loads(line) for line in lines]
     assert any("Running on" in r["msg"] for r in records)
     assert any(r["msg"] == "request" and r["path"] == "/via-hypercorn" for r in records)
+    ignored = [r for r in records if r["msg"].startswith("WORKERS is ignored")]
+    assert len(ignored) == 1 and ignored[0]["level"] == "warn", records
 
 
 def test_h2c_upgrade(

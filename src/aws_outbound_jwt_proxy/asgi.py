@@ -125,6 +125,8 @@ def build() -> QuartTrio:
         _end_worker(flags.EXIT_USAGE)
     logs.setup(settings.log_level, settings.log_format)
     envcheck.warn(os.environ, log)
+    if settings.workers > 1:
+        log.warning("WORKERS is ignored under the hypercorn command: its --workers (-w) decides")
     patches.install()
     try:
         fetcher = sts.build_fetcher()

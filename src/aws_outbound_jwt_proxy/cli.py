@@ -74,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.fail(config.PROG, exc)
     # Imported only now: a config mistake is reported before the stack loads.
     from .observe import logs
-    from .server import serve
+    from .server import serve, workers
 
     logs.setup(settings.log_level, settings.log_format)
     envcheck.warn(os.environ, log)
+    if settings.workers > 1:
+        return workers.main(settings)
     return serve.main(settings)  # sets logging up again, the same way

@@ -187,6 +187,16 @@ def _file(value: str) -> str:
     return path
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: str) -> int:
+    count = values.positive_int(value)
+    if count > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS} (one per CPU core is plenty), got {count}")
+    return count
+
+
 def _metrics_path(value: str) -> str:
     path = value.strip()
     if not path.startswith("/"):
@@ -329,6 +339,13 @@ PROXY_FLAGS: tuple[flags.Row, ...] = (
         values.duration(at_least=0),
         "on SIGTERM/SIGINT, how long in-flight requests may finish",
     ),
+    Flag(
+        "workers",
+        "1",
+        _workers,
+        "processes serving the proxy, sharing its listeners, each with its own token cache; "
+        "1 = this process alone",
+    ),
     *values.log_flags(),
     TLS_CERT,
     TLS_KEY,
@@ -373,6 +390,7 @@ class Settings:
     read_header_timeout: float
     request_body_timeout: float
     shutdown_timeout: float
+    workers: int
     log_level: str
     log_format: str
     tls_cert: str

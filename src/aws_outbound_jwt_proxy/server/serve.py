@@ -13,6 +13,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -117,8 +118,10 @@ async def serve_app(
     )
 
 
-async def _wait_for_signal(stop: trio.Event, readiness: health.Readiness, cancel: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _wait_for_signal(
+    stop: trio.Event, readiness: health.Readiness, cancel: trio.CancelScope, signums: tuple[int, ...]
+) -> None:
+    with trio.open_signal_receiver(*signums) as signals:
         async for signum in signals:
             if not stop.is_set():
                 log.info("shutting down", extra={"signal": signal.Signals(signum).name})
@@ -129,19 +132,16 @@ async def _wait_for_signal(stop: trio.Event, readiness: health.Readiness, cancel
                 return
 
 
-async def run(
-    settings: Settings,
-    fetcher: sts.StsFetcher,
-    *,
-    stop: trio.Event | None = None,
-    handle_signals: bool = True,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT); started() gets the proxy URLs."""
-    stop = stop or trio.Event()
-    patches.install()
-    listener.install()  # one process owns the listening socket: accept bursts whole
-    proxy_cfg = hypercorn_config(
+@dataclass(frozen=True)
+class Bound:
+    """The proxy's listening sockets (and the metrics listener's, when enabled), bound and listening."""
+
+    proxy: Sockets
+    metrics: Sockets | None
+
+
+def proxy_config(settings: Settings) -> HyperConfig:
+    return hypercorn_config(
         settings.listen_host,
         settings.listen_port,
         certfile=settings.tls_cert,
@@ -149,29 +149,66 @@ async def run(
         graceful_timeout=settings.shutdown_timeout,
         read_header_timeout=settings.read_header_timeout,
     )
-    # Bind everything first: a port in use stops start-up before anything runs.
-    proxy_sockets = bind(proxy_cfg, "--listen-addr")
+
+
+def metrics_config(settings: Settings) -> HyperConfig:
+    return hypercorn_config(
+        settings.metrics_host, settings.metrics_port, read_header_timeout=settings.read_header_timeout
+    )
+
+
+def bind_all(settings: Settings) -> Bound:
+    """Bind every listener first: a port in use stops start-up before anything runs."""
+    proxy_sockets = bind(proxy_config(settings), "--listen-addr")
+    metrics_sockets = (
+        bind(metrics_config(settings), "--metrics-listen-addr") if settings.metrics_enabled else None
+    )
+    return Bound(proxy_sockets, metrics_sockets)
+
+
+async def run(
+    settings: Settings,
+    fetcher: sts.StsFetcher,
+    *,
+    stop: trio.Event | None = None,
+    handle_signals: bool = True,
+    bound: Bound | None = None,
+    shared: bool = False,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT); started() gets the proxy URLs.
+
+    ``bound``: listeners bound by the caller (default: bound here). ``shared``: other
+    processes accept on the same sockets (``--workers``): connections are then taken
+    one per scheduler pass, so a busy process leaves them to an idle one, and only
+    SIGTERM is handled (the supervising process turns SIGINT into it).
+    """
+    stop = stop if stop is not None else trio.Event()
+    patches.install()
+    if not shared:
+        listener.install()  # one process owns the listening socket: accept bursts whole
+    proxy_cfg = proxy_config(settings)
+    bound = bound or bind_all(settings)
+    proxy_sockets, metrics_sockets = bound.proxy, bound.metrics
     m: metrics.Metrics | metrics.NullMetrics = metrics.NullMetrics()
-    if settings.metrics_enabled:
-        metrics_cfg = hypercorn_config(
-            settings.metrics_host, settings.metrics_port, read_header_timeout=settings.read_header_timeout
-        )
-        metrics_sockets = bind(metrics_cfg, "--metrics-listen-addr")
+    if metrics_sockets is not None:
+        metrics_cfg = metrics_config(settings)
         m = metrics.Metrics(max_upstreams=settings.metrics_max_upstreams)
 
     supervisor = tokens.Supervisor(settings, fetcher, m.tokens)
     readiness = health.Readiness(supervisor.ready, supervisor.snapshot)
     listeners = own_listeners(proxy_sockets, PROXY_LISTENER)
-    if settings.metrics_enabled:
+    if metrics_sockets is not None:
         listeners += own_listeners(metrics_sockets, METRICS_LISTENER)
     app = create_app(settings, supervisor, observer=m, listeners=listeners)
+    signums = (signal.SIGTERM,) if shared else (signal.SIGTERM, signal.SIGINT)
 
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
-                root.start_soon(_wait_for_signal, stop, readiness, root.cancel_scope)
+                root.start_soon(_wait_for_signal, stop, readiness, root.cancel_scope, signums)
             await root.start(supervisor.run)
-            if isinstance(m, metrics.Metrics):
+            if isinstance(m, metrics.Metrics) and metrics_sockets is not None:
                 m.watch(supervisor.snapshot)
                 metrics_app = metrics.create_app(m, readiness, settings.metrics_path)
                 # Keeps answering (/readyz: 503 draining) until the proxy is done.
