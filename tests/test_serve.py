@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from aws_outbound_jwt_proxy.server import serve
 from tests.fixtures.echo import EchoFactory, EchoUpstream
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
+from tests.fixtures.upstreams import HeldUpstream
 
 AUD = "http://127.0.0.1"  # dynamic audience of any http://127.0.0.1:<port> target
 
@@ -108,23 +108,11 @@ def test_bogus_credentials_give_502_token_unavailable(
 
 
 def test_sigterm_drains_in_flight_then_exits_0(
-    sts_emulator: StsEmulator,
-    held_upstream: tuple[str, threading.Event, threading.Event],
-    proxy_process: ProxyFactory,
+    sts_emulator: StsEmulator, held_upstream: HeldUpstream, proxy_process: ProxyFactory
 ) -> None:
-    host, arrived, release = held_upstream
-    proxy = proxy_process(
-        ["--upstream-host", host, "--upstream-scheme", "http", "--token-audience", "https://drain.example"],
-        base_env(sts_emulator.env),
-    )
-    result: dict[str, Any] = {}
-
-    def call() -> None:
-        result["resp"] = httpx.get(f"{proxy.url}/slow", timeout=30)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    assert arrived.wait(20), "request never reached the upstream"
+    pinned = ["--upstream-host", held_upstream.host, "--upstream-scheme", "http"]
+    proxy = proxy_process([*pinned, "--token-audience", "https://drain.example"], base_env(sts_emulator.env))
+    request = held_upstream.hold(f"{proxy.url}/slow")
     proxy.proc.send_signal(15)
     proxy.wait_for(lambda r: r.get("msg") == "shutting down")
     # New connections are refused once shutdown began.
@@ -138,40 +126,26 @@ def test_sigterm_drains_in_flight_then_exits_0(
         assert time.monotonic() < deadline, "listener still accepting after SIGTERM"
         time.sleep(0.05)
     assert proxy.proc.poll() is None, "exited before the in-flight request finished"
-    release.set()
-    caller.join(20)
-    assert result["resp"].status_code == 200
-    assert result["resp"].text == "finished"
+    held_upstream.release.set()
+    resp = request.finished()
+    assert isinstance(resp, httpx.Response) and (resp.status_code, resp.text) == (200, "finished")
     assert proxy.proc.wait(20) == 0
 
 
 def test_shutdown_timeout_bounds_the_wait(
-    sts_emulator: StsEmulator,
-    held_upstream: tuple[str, threading.Event, threading.Event],
-    proxy_process: ProxyFactory,
+    sts_emulator: StsEmulator, held_upstream: HeldUpstream, proxy_process: ProxyFactory
 ) -> None:
-    host, arrived, _release = held_upstream
     proxy = proxy_process(
-        ["--upstream-host", host, "--upstream-scheme", "http", "--shutdown-timeout", "1s"],
+        ["--upstream-host", held_upstream.host, "--upstream-scheme", "http", "--shutdown-timeout", "1s"],
         base_env(sts_emulator.env),
     )
-    outcome: list[object] = []
-
-    def call() -> None:
-        try:
-            outcome.append(httpx.get(f"{proxy.url}/stuck", timeout=30).status_code)
-        except httpx.HTTPError as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
-    assert arrived.wait(20)
+    request = held_upstream.hold(f"{proxy.url}/stuck")
     started = time.monotonic()
     assert proxy.stop() == 0
     assert time.monotonic() - started < 8
-    caller.join(10)
     # The request that outlived --shutdown-timeout was cut, not answered.
-    assert outcome and isinstance(outcome[0], httpx.HTTPError), outcome
+    outcome = request.finished(10)
+    assert isinstance(outcome, httpx.HTTPError), outcome
 
 
 def test_port_in_use_is_a_startup_error(sts_emulator: StsEmulator, proxy_process: ProxyFactory) -> None:

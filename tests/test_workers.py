@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from tests.fixtures.echo import EchoFactory
 from tests.fixtures.emulator import StsEmulator
 from tests.fixtures.metrics import parse_scrape, value
 from tests.fixtures.process import ProxyFactory, ProxyProcess, base_env
+from tests.fixtures.upstreams import HeldUpstream
 
 AUD = "https://workers.example"
 BIN = Path(sys.executable).parent
@@ -109,21 +109,11 @@ def test_workers_share_the_listener_and_sum_their_metrics(
 
 
 def test_sigterm_drains_every_workers_in_flight_requests_then_exits_0(
-    sts_emulator: StsEmulator,
-    held_upstream: tuple[str, threading.Event, threading.Event],
-    proxy_process: ProxyFactory,
+    sts_emulator: StsEmulator, held_upstream: HeldUpstream, proxy_process: ProxyFactory
 ) -> None:
-    host, arrived, release = held_upstream
-    pinned = ("--upstream-host", host, "--upstream-scheme", "http")
+    pinned = ("--upstream-host", held_upstream.host, "--upstream-scheme", "http")
     proxy, pids = _two_workers(proxy_process, sts_emulator, *pinned)
-    result: dict[str, Any] = {}
-
-    def call() -> None:
-        result["resp"] = httpx.get(f"{proxy.url}/slow", timeout=30)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    assert arrived.wait(20), "request never reached the upstream"
+    request = held_upstream.hold(f"{proxy.url}/slow")
     proxy.proc.send_signal(15)
     proxy.wait_for(lambda r: r.get("msg") == "shutting down")
     # The one that holds the request drains it; the other ends now.
@@ -132,10 +122,9 @@ def test_sigterm_drains_every_workers_in_flight_requests_then_exits_0(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert proxy.proc.poll() is None, "exited before the in-flight request finished"
-    release.set()
-    caller.join(20)
-    assert result["resp"].status_code == 200
-    assert result["resp"].text == "finished"
+    held_upstream.release.set()
+    resp = request.finished()
+    assert isinstance(resp, httpx.Response) and (resp.status_code, resp.text) == (200, "finished")
     assert proxy.stop() == 0
     _wait_gone(pids)
 
