@@ -141,6 +141,7 @@ class Bound:
 
 
 def proxy_config(settings: Settings) -> HyperConfig:
+    """hypercorn settings of the proxy listener (address, TLS, drain, header timeout)."""
     return hypercorn_config(
         settings.listen_host,
         settings.listen_port,
@@ -152,6 +153,7 @@ def proxy_config(settings: Settings) -> HyperConfig:
 
 
 def metrics_config(settings: Settings) -> HyperConfig:
+    """hypercorn settings of the metrics and health listener."""
     return hypercorn_config(
         settings.metrics_host, settings.metrics_port, read_header_timeout=settings.read_header_timeout
     )
