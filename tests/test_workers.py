@@ -176,9 +176,15 @@ def test_workers_stop_when_the_supervising_process_is_killed(
     sts_emulator: StsEmulator, proxy_process: ProxyFactory
 ) -> None:
     proxy, pids = _two_workers(proxy_process, sts_emulator, "--upstream-host", "127.0.0.1:9")
-    proxy.proc.kill()
+    stale = Path(proxy.wait_for(lambda r: r.get("msg") == "workers started")["metrics_dir"])
+    proxy.kill()  # SIGKILL, and reaped
     _wait_gone(pids)
     assert "supervising process gone: shutting down" in proxy.stderr()
+    # A killed supervisor cannot remove its metrics directory; the next start does.
+    assert stale.is_dir()
+    again, _ = _two_workers(proxy_process, sts_emulator, "--upstream-host", "127.0.0.1:9")
+    assert not stale.exists()
+    assert again.stop() == 0
 
 
 def _run(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]]:

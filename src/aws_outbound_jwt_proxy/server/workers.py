@@ -12,7 +12,7 @@ Metrics: every worker writes its values to files in one directory
 (prometheus-client's multi-process mode) and whichever worker answers a scrape
 sums them. The directory is ``PROMETHEUS_MULTIPROC_DIR`` when set (the
 operator empties it between starts), else a private one this process creates
-and removes.
+and removes (and the next start removes, should this process be killed).
 
 Signals: SIGTERM or SIGINT here is passed on to every worker as SIGTERM (each
 stops accepting and drains for ``--shutdown-timeout``); a second one passes
@@ -50,6 +50,7 @@ from . import serve
 log = logging.getLogger("aws_outbound_jwt_proxy.workers")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "aws-outbound-jwt-proxy-metrics-"  # then the supervising process's pid
 # After the drain a worker cancels what is left; past this much more, it is killed.
 KILL_AFTER_DRAIN = 10.0
 
@@ -72,8 +73,9 @@ def metrics_dir(enabled: bool) -> Iterator[str | None]:
             raise serve.StartupError(f"{variable}: not a writable directory: {given}")
         yield given
         return
+    remove_stale_metrics_dirs(tempfile.gettempdir())
     try:
-        path = tempfile.mkdtemp(prefix="aws-outbound-jwt-proxy-metrics-")
+        path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     except OSError as exc:
         raise serve.StartupError(
             f"--workers: cannot create the metrics directory ({exc.strerror or exc}): "
@@ -85,6 +87,34 @@ def metrics_dir(enabled: bool) -> Iterator[str | None]:
     finally:
         del os.environ[METRICS_DIR_ENV]
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_metrics_dirs(parent: str) -> None:
+    """Remove the private metrics directories of supervising processes that no longer run.
+
+    A supervising process that is killed (SIGKILL, OOM) cannot remove its own; its
+    pid is in the name. One with this process's pid is stale too (a container
+    restarted as PID 1 on a kept /tmp). A live pid is left alone, whoever has it now.
+    """
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            pid_text = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+            if entry.name == pid_text or not pid_text.isdigit() or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = int(pid_text)
+            if pid != os.getpid() and _running(pid):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def main(settings: Settings) -> int:
