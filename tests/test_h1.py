@@ -219,6 +219,28 @@ async def test_the_upstream_closing_an_idle_connection_gets_a_new_one(nursery: t
     assert len(closers) == 2
 
 
+async def test_idle_connections_the_upstream_closed_are_swept_without_traffic(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+
+    async def closes_after_one(stream: trio.SocketStream) -> None:
+        await read_request_head(stream)
+        await stream.send_all(OK)
+        await stream.aclose()
+        closed.set()
+
+    port = await serve_raw(nursery, closes_after_one)
+    async with client() as (c, transport):
+        assert (await c.get(f"http://127.0.0.1:{port}/")).content == b"hello"
+        await closed.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert transport._idle_count == 1  # half-closed, and no request comes to sweep it
+        nursery.start_soon(transport.sweep_while_open, 0.01)
+        with trio.fail_after(5):
+            while transport._idle_count:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # polling the pool, bounded by fail_after
+        assert transport._open.value == 16  # closed, its slot back
+
+
 async def test_requests_in_flight_per_upstream_are_capped_until_bodies_close(nursery: trio.Nursery) -> None:
     _raw, url = await raw_upstream(nursery, lambda head, body: OK)
     async with client(max_per_upstream=2) as (c, _):

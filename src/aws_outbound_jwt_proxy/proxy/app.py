@@ -107,6 +107,7 @@ def create_app(
     @app.before_serving
     async def open_client() -> None:
         forwarder.open()
+        app.nursery.start_soon(forwarder.maintain)
 
     @app.after_serving
     async def close_client() -> None:

@@ -65,6 +65,10 @@ class Forwarder:
     def open(self) -> None:
         self.upstream.open()
 
+    async def maintain(self) -> None:
+        """Background upkeep for the life of the app (idle upstream connections); cancel to stop."""
+        await self.upstream.sweep_idle()
+
     async def close(self) -> None:
         await self.upstream.close()
 

@@ -456,6 +456,18 @@ class DirectTransport(httpx.AsyncBaseTransport):
             self._idle_count -= 1
             self._open.release()
 
+    async def sweep_while_open(self, interval: float = SWEEP_INTERVAL) -> None:
+        """Sweep the idle connections every ``interval`` without traffic too, until closed (or cancelled).
+
+        Requests sweep as they take a connection. With none coming (a quiet
+        worker, a night), a connection the upstream closed would stay
+        half-closed (CLOSE_WAIT) and an expired one open until the next request.
+        """
+        while not self._closed:
+            await trio.sleep(interval)
+            if self._idle_count:
+                self._sweep(trio.current_time())
+
     def _sweep(self, now: float) -> None:
         """Close idle connections past their expiry or closed by the upstream; drop empty lists."""
         self._next_sweep = now + SWEEP_INTERVAL

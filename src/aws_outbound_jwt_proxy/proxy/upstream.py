@@ -155,19 +155,17 @@ class PerUpstreamLimit(httpx.AsyncBaseTransport):
 class EgressTransport(httpx.AsyncBaseTransport):
     """Direct, or through the egress proxy named in the request's ``egress_proxy`` extension."""
 
-    def __init__(
-        self, direct: httpx.AsyncBaseTransport, proxied: dict[str, httpx.AsyncBaseTransport]
-    ) -> None:
-        self._direct = direct
+    def __init__(self, direct: DirectTransport, proxied: dict[str, httpx.AsyncBaseTransport]) -> None:
+        self.direct = direct
         self._proxied = proxied
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         proxy = request.extensions.get("egress_proxy")
-        transport = self._direct if proxy is None else self._proxied[proxy]
+        transport = self.direct if proxy is None else self._proxied[proxy]
         return await transport.handle_async_request(request)
 
     async def aclose(self) -> None:
-        for transport in (self._direct, *self._proxied.values()):
+        for transport in (self.direct, *self._proxied.values()):
             await transport.aclose()
 
 
@@ -201,6 +199,11 @@ def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> ht
 
     ``guard`` checks every address a direct connection goes to; egress proxies are exempt.
     """
+    return client_for(build_transport(tls, guard, egress))
+
+
+def build_transport(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> EgressTransport:
+    """Every upstream route: the direct pool (and its httpcore fallback), the egress proxies."""
     limits = httpx.Limits(
         max_connections=MAX_CONNECTIONS // SHARDS,
         max_keepalive_connections=MAX_KEEPALIVE // SHARDS,
@@ -233,8 +236,13 @@ def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> ht
     if egress.https:
         tunnels = _transport(tls, proxy_limits, TunnelBackend(egress.https, tls))
         proxied[_TUNNEL + egress.https] = PerUpstreamLimit(tunnels, MAX_PER_UPSTREAM)
+    return EgressTransport(direct, proxied)
+
+
+def client_for(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    """An httpx client over ``transport`` with every httpx default that is wrong for a proxy off."""
     client = httpx.AsyncClient(
-        transport=EgressTransport(direct, proxied),
+        transport=transport,
         trust_env=False,  # proxies come from EgressProxies (Go's rules), never .netrc or SSL_CERT_*
         follow_redirects=False,
         cookies=NoCookies(),
@@ -259,10 +267,18 @@ class Upstream:
         self.timeout = settings.upstream_timeout
         self.tls = ssl_context(settings)
         self.client: httpx.AsyncClient | None = None
+        self._direct: DirectTransport | None = None
         self._routes: dict[str, tuple[httpx.URL, str | None]] = {}
 
     def open(self) -> None:
-        self.client = build_client(self.tls, self.direct_guard, self.egress)
+        transport = build_transport(self.tls, self.direct_guard, self.egress)
+        self._direct = transport.direct
+        self.client = client_for(transport)
+
+    async def sweep_idle(self) -> None:
+        """Close idle direct connections the upstream closed, with or without traffic (cancel to stop)."""
+        assert self._direct is not None, "Upstream.open() runs in before_serving"
+        await self._direct.sweep_while_open()
 
     async def close(self) -> None:
         if self.client is not None:
