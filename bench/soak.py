@@ -13,7 +13,9 @@ workers (default 32) send mixed traffic for ``--minutes`` (default 10):
 
 Every ``--interval`` seconds (default 30) it samples the proxy's RSS, open fds, ESTABLISHED
 sockets to the upstream ports (/proc/<pid>/fd + /proc/<pid>/net/tcp{,6}) and STS fetches (from
-/metrics), and prints a markdown table at the end.
+/metrics), and prints a markdown table at the end. With ``--workers N`` the proxy runs N worker
+processes and every figure is the sum over all its processes (supervisor, workers, and
+multiprocessing's resource tracker).
 
 Pass: RSS growth from the end of warm-up to the end of the load < 10 MiB, open fds back to the
 pre-load baseline once the clients are gone, and at most 0.5 % unexpected outcomes (a wrong status
@@ -56,6 +58,7 @@ RSS_LIMIT_MIB = 10.0
 OP_TIMEOUT = 60.0  # one operation (request, stream, websocket session) never takes longer than this
 START_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 60.0  # > --read-header-timeout (10 s) + UPSTREAM_KEEPALIVE
+WARM_PASSES = 50  # warm-up passes at most (each on new connections)
 UPSTREAM_KEEPALIVE = 5.0  # the upstream closes idle keep-alive connections after this long (Node's default)
 UNEXPECTED_LIMIT = (
     0.005  # share of operations allowed a wrong answer (see "unexpected outcomes" in the report)
@@ -233,25 +236,54 @@ class Sample:
     sts_fetches: int
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants: with ``--workers`` the proxy is a supervisor and its workers."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                todo += [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+    return out
+
+
+def workers_of(pid: int) -> list[int]:
+    """The processes that serve: ``pid`` itself, or with ``--workers`` its multiprocessing children."""
+    workers = []
+    for member in family(pid)[1:]:
+        with contextlib.suppress(OSError):
+            if b"multiprocessing.spawn" in Path(f"/proc/{member}/cmdline").read_bytes():
+                workers.append(member)
+    return workers or [pid]
+
+
+def _fds(pid: int) -> Iterator[str]:
+    """Where every open fd of ``pid``'s processes points (``socket:[inode]``, a path, ``pipe:[…]``)."""
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{member}/fd"):
+                with contextlib.suppress(OSError):
+                    yield os.readlink(f"/proc/{member}/fd/{fd}")
+
+
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(1 for _ in _fds(pid))
 
 
 def established_to(pid: int, ports: set[int]) -> int:
-    """The process's ESTABLISHED TCP sockets whose remote port is in ``ports``."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+    """The processes' ESTABLISHED TCP sockets whose remote port is in ``ports``."""
+    inodes = {target[8:-1] for target in _fds(pid) if target.startswith("socket:[")}
     count = 0
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
@@ -276,13 +308,11 @@ def fd_kinds(pid: int) -> Counter[str]:
                 local, remote = (int(c.rsplit(":", 1)[1], 16) for c in cols[1:3])
                 sockets[cols[9]] = f"tcp {_STATES.get(cols[3], cols[3])} :{local}->:{remote}"
     kinds: Counter[str] = Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                kinds[sockets.get(target[8:-1], "socket (not tcp)")] += 1
-            else:
-                kinds[re.sub(r"\[\d+\]$", "", target)] += 1
+    for target in _fds(pid):
+        if target.startswith("socket:["):
+            kinds[sockets.get(target[8:-1], "socket (not tcp)")] += 1
+        else:
+            kinds[re.sub(r"\[\d+\]$", "", target)] += 1
     return kinds
 
 
@@ -483,15 +513,22 @@ async def drive(
     run: Run, minutes: float, concurrency: int, h2_workers: int, interval: float
 ) -> tuple[int, Counter[str]]:
     load = run.load
-    # Warm-up pass: one of each kind, so first-use allocations are not counted as growth.
-    async with (
-        httpx.AsyncClient(timeout=OP_TIMEOUT) as c1,
-        httpx.AsyncClient(timeout=OP_TIMEOUT, http1=False, http2=True) as c2,
-    ):
-        for kind in MIX:
-            await load.run(kind, c1)
-        for kind in HTTP_KINDS:
-            await load.run(kind, c2)
+    # Warm-up passes: one of each kind, so first-use allocations are not counted as growth.
+    # Each pass on new connections, until every worker process has served one (holds an
+    # upstream connection): with --workers the kernel decides which worker accepts.
+    for _ in range(WARM_PASSES):
+        async with (
+            httpx.AsyncClient(timeout=OP_TIMEOUT) as c1,
+            httpx.AsyncClient(timeout=OP_TIMEOUT, http1=False, http2=True) as c2,
+        ):
+            for kind in MIX:
+                await load.run(kind, c1)
+            for kind in HTTP_KINDS:
+                await load.run(kind, c2)
+        if all(established_to(worker, run.ports) for worker in workers_of(run.pid)):
+            break
+    else:
+        print(f"soak: a worker served none of {WARM_PASSES} warm-up passes", file=sys.stderr)
     baseline = await settle(run)
     load.done.clear()
     run.started = time.monotonic()
@@ -543,7 +580,8 @@ def report(
     rss_ok = growth < RSS_LIMIT_MIB
     fds_ok = end[0] <= baseline[0]
     lines = [
-        f"Soak: {args.minutes:g} min, c={args.concurrency} ({args.h2_workers} on h2c), {machine()}.",
+        f"Soak: {args.minutes:g} min, c={args.concurrency} ({args.h2_workers} on h2c), "
+        f"proxy --workers {args.workers}, {machine()}.",
         "",
         "| t (s) | requests | unexpected | RSS (MiB) | open fds | upstream ESTABLISHED | STS fetches |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -582,14 +620,20 @@ def main() -> int:
     parser.add_argument(
         "--warmup", type=float, default=None, help="seconds of warm-up (default min(60, 1/4))"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the proxy's --workers (default 1); all its processes watched",
+    )
     parser.add_argument("--serve-upstreams", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstreams:
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(serve_upstreams)
         return 0
-    if not 0 < args.minutes <= 24 * 60 or not 1 <= args.concurrency <= 1024:
-        parser.error("--minutes must be in (0, 1440] and --concurrency in [1, 1024]")
+    if not 0 < args.minutes <= 24 * 60 or not 1 <= args.concurrency <= 1024 or not 1 <= args.workers <= 8:
+        parser.error("--minutes must be in (0, 1440], --concurrency in [1, 1024] and --workers in [1, 8]")
     warm_s = args.warmup if args.warmup is not None else min(60.0, args.minutes * 60 / 4)
     exe = shutil.which("aws-outbound-jwt-proxy", path=str(Path(sys.executable).parent)) or shutil.which(
         "aws-outbound-jwt-proxy"
@@ -631,6 +675,7 @@ def main() -> int:
             *("--upstream-scheme", "http", "--upstream-timeout", "20s"),
             *("--token-duration", "5m", "--token-refresh-skew", "1m"),
             *("--log-level", "warn", "--shutdown-timeout", "5s"),
+            *("--workers", str(args.workers)),
         ]
         proxy = stack.enter_context(child("proxy", [exe, *flags], tmp, clean_env(aws)))
         metrics = f"http://127.0.0.1:{metrics_port}"
