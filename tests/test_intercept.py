@@ -32,7 +32,7 @@ from aws_outbound_jwt_proxy.proxy.plan import CONNECT_NOT_FIRST
 from aws_outbound_jwt_proxy.routing.router import RouteError, Router
 from aws_outbound_jwt_proxy.routing.target import Target
 from aws_outbound_jwt_proxy.server import patches
-from aws_outbound_jwt_proxy.server.serve import hypercorn_config
+from aws_outbound_jwt_proxy.server.binding import hypercorn_config
 from tests.fixtures.child import Child
 from tests.fixtures.echo import EchoFactory, EchoUpstream
 from tests.fixtures.emulator import StsEmulator

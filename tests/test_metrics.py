@@ -30,7 +30,7 @@ from aws_outbound_jwt_proxy.observe.metrics import Metrics, NullMetrics, drop_em
 from aws_outbound_jwt_proxy.proxy.app import create_app
 from aws_outbound_jwt_proxy.proxy.exchange import Exchange, classify
 from aws_outbound_jwt_proxy.routing.target import Target
-from aws_outbound_jwt_proxy.server import serve
+from aws_outbound_jwt_proxy.server import binding, serve
 from aws_outbound_jwt_proxy.tokens import sts
 from aws_outbound_jwt_proxy.tokens import supervisor as tokens
 from tests.fixtures.emulator import StsEmulator
@@ -578,8 +578,8 @@ async def _upstream_app(scope: health.Scope, receive: health.Receive, send: heal
 
 
 async def _serve_bound(nursery: trio.Nursery, app: object, host: str, port: int, what: str) -> str:
-    cfg = serve.hypercorn_config(host, port)
-    sockets = serve.bind(cfg, what)
+    cfg = binding.hypercorn_config(host, port)
+    sockets = binding.bind(cfg, what)
     binds: list[str] = await nursery.start(partial(serve.serve_app, app, cfg, sockets, trio.sleep_forever))
     return binds[0]
 
@@ -618,9 +618,9 @@ def test_metrics_port_in_use_is_a_startup_error_naming_the_address() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cfg = serve.hypercorn_config("127.0.0.1", port)
-        with pytest.raises(serve.StartupError) as info:
-            serve.bind(cfg, "--metrics-listen-addr")
+        cfg = binding.hypercorn_config("127.0.0.1", port)
+        with pytest.raises(binding.StartupError) as info:
+            binding.bind(cfg, "--metrics-listen-addr")
     assert f"--metrics-listen-addr: cannot listen on 127.0.0.1:{port}" in str(info.value)
 
 

@@ -21,7 +21,7 @@ from hypercorn.trio.run import WorkerContext, worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from aws_outbound_jwt_proxy.server import patches
-from aws_outbound_jwt_proxy.server.serve import bind, hypercorn_config
+from aws_outbound_jwt_proxy.server.binding import bind, hypercorn_config
 
 
 class _BrokenStream:

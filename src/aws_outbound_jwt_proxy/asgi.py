@@ -40,7 +40,7 @@ from .config import settings as config
 from .observe import health, logs, metrics
 from .proxy.app import create_app
 from .routing.guard import METRICS_LISTENER, Listener
-from .server import patches, serve
+from .server import binding, patches, serve
 from .tokens import sts
 from .tokens import supervisor as tokens
 
@@ -114,7 +114,7 @@ def _startup_failed(error: BaseException) -> NoReturn:
     log.error(f"start-up failed: {error}")
     _flush_logs()
     _end_hypercorn_supervisor()
-    os._exit(serve.EXIT_STARTUP)
+    os._exit(binding.EXIT_STARTUP)
 
 
 def build() -> QuartTrio:
@@ -132,7 +132,7 @@ def build() -> QuartTrio:
         fetcher = sts.build_fetcher()
     except sts.StsSetupError as exc:
         log.error(f"start-up failed: {exc}")
-        _end_worker(serve.EXIT_STARTUP)
+        _end_worker(binding.EXIT_STARTUP)
     m: metrics.Metrics | metrics.NullMetrics = (
         metrics.Metrics(max_upstreams=settings.metrics_max_upstreams)
         if settings.metrics_enabled
@@ -151,16 +151,16 @@ def build() -> QuartTrio:
             await app.nursery.start(supervisor.run)
             if isinstance(m, metrics.Metrics):
                 m.watch(supervisor.snapshot)
-                cfg = serve.hypercorn_config(settings.metrics_host, settings.metrics_port)
+                cfg = binding.hypercorn_config(settings.metrics_host, settings.metrics_port)
                 cfg.workers = 2  # only makes hypercorn set SO_REUSEPORT: workers share the port
                 # Under hypercorn every setting comes from the environment: name the variable.
-                sockets = serve.bind(cfg, config.METRICS_LISTEN_ADDR.env)
+                sockets = binding.bind(cfg, config.METRICS_LISTEN_ADDR.env)
                 metrics_app = metrics.create_app(m, readiness, settings.metrics_path)
                 binds = await app.nursery.start(
                     serve.serve_app, metrics_app, cfg, sockets, trio.sleep_forever
                 )
                 log.info("metrics listening", extra={"addresses": binds, "path": settings.metrics_path})
-        except (serve.StartupError, sts.StsSetupError) as exc:
+        except (binding.StartupError, sts.StsSetupError) as exc:
             _startup_failed(exc)
         readiness.listening()
         serve.freeze_startup_heap()

@@ -74,10 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.fail(config.PROG, exc)
     # Imported only now: a config mistake is reported before the stack loads.
     from .observe import logs
-    from .server import serve, workers
 
     logs.setup(settings.log_level, settings.log_format)
     envcheck.warn(os.environ, log)
     if settings.workers > 1:
+        from .server import workers  # the supervisor: the serving stack loads in the workers only
+
         return workers.main(settings)
+    from .server import serve
+
     return serve.main(settings)  # sets logging up again, the same way

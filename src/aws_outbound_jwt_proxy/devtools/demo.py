@@ -22,7 +22,7 @@ from ..config import flags, values
 from ..config import settings as config
 from ..config.flags import ConfigError, Flag
 from ..observe import logs
-from ..server import serve
+from ..server import binding, serve
 from ..tokens import sts
 from . import echo
 from .emulator import EmulatorOptions
@@ -160,7 +160,7 @@ def main(argv: list[str] | Sequence[str]) -> int:
         trio.run(run, raw)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
         pass
-    except serve.StartupError as exc:
+    except binding.StartupError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1
     _say("stopped")

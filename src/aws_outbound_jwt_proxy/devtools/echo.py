@@ -34,8 +34,8 @@ from quart_trio import QuartTrio
 from ..config import flags, values
 from ..config.flags import ConfigError, Flag
 from ..observe import logs
+from ..server.binding import hypercorn_config
 from ..server.running import run
-from ..server.serve import hypercorn_config
 from .verify import InvalidToken, KeysUnavailable, Verifier
 
 log = logging.getLogger("aws_outbound_jwt_proxy.echo")

@@ -45,7 +45,7 @@ import trio
 from ..config.settings import Settings
 from ..observe import logs
 from ..tokens import sts
-from . import serve
+from . import binding
 
 log = logging.getLogger("aws_outbound_jwt_proxy.workers")
 
@@ -70,14 +70,14 @@ def metrics_dir(enabled: bool) -> Iterator[str | None]:
     if variable:
         given = os.environ[variable]
         if not os.path.isdir(given) or not os.access(given, os.W_OK | os.X_OK):
-            raise serve.StartupError(f"{variable}: not a writable directory: {given}")
+            raise binding.StartupError(f"{variable}: not a writable directory: {given}")
         yield given
         return
     remove_stale_metrics_dirs(tempfile.gettempdir())
     try:
         path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     except OSError as exc:
-        raise serve.StartupError(
+        raise binding.StartupError(
             f"--workers: cannot create the metrics directory ({exc.strerror or exc}): "
             f"set {METRICS_DIR_ENV} (or TMPDIR) to a writable directory"
         ) from None
@@ -123,15 +123,15 @@ def main(settings: Settings) -> int:
     with contextlib.ExitStack() as stack:
         try:
             sts.build_fetcher()  # the region and the endpoint, checked once here
-            bound = serve.bind_all(settings)
+            bound = binding.bind_all(settings)
             path = stack.enter_context(metrics_dir(settings.metrics_enabled))
-        except (serve.StartupError, sts.StsSetupError) as exc:
+        except (binding.StartupError, sts.StsSetupError) as exc:
             log.error(f"start-up failed: {exc}")
-            return serve.EXIT_STARTUP
+            return binding.EXIT_STARTUP
         return _supervise(settings, bound, path)
 
 
-def _supervise(settings: Settings, bound: serve.Bound, metrics_path: str | None) -> int:
+def _supervise(settings: Settings, bound: binding.Bound, metrics_path: str | None) -> int:
     ctx = multiprocessing.get_context("spawn")
     share = worker_settings(settings)
     stopping: float | None = None  # monotonic time of the first stop request
@@ -208,14 +208,14 @@ def _supervise(settings: Settings, bound: serve.Bound, metrics_path: str | None)
     return 0
 
 
-def _close(bound: serve.Bound) -> None:
+def _close(bound: binding.Bound) -> None:
     for sockets in (bound.proxy, bound.metrics):
         if sockets is not None:
             for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
                 sock.close()
 
 
-def _worker(settings: Settings, bound: serve.Bound, index: int) -> None:
+def _worker(settings: Settings, bound: binding.Bound, index: int) -> None:
     """One worker process (the target of ``multiprocessing``): the proxy on the shared sockets."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.setup(settings.log_level, settings.log_format)
@@ -223,14 +223,17 @@ def _worker(settings: Settings, bound: serve.Bound, index: int) -> None:
     try:
         fetcher = sts.build_fetcher()
         trio.run(_serve_worker, settings, fetcher, bound)
-    except (serve.StartupError, sts.StsSetupError) as exc:
+    except (binding.StartupError, sts.StsSetupError) as exc:
         log.error(f"start-up failed: {exc}", extra={"worker": index})
-        status = serve.EXIT_STARTUP
+        status = binding.EXIT_STARTUP
     logging.shutdown()
     raise SystemExit(status)
 
 
-async def _serve_worker(settings: Settings, fetcher: sts.StsFetcher, bound: serve.Bound) -> None:
+async def _serve_worker(settings: Settings, fetcher: sts.StsFetcher, bound: binding.Bound) -> None:
+    # Imported here, in the worker: the supervising process never loads the serving stack.
+    from . import serve
+
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned, stop)

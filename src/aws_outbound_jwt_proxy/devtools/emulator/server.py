@@ -8,7 +8,7 @@ from functools import partial
 import hypercorn.trio
 import trio
 
-from ...server.serve import hypercorn_config
+from ...server.binding import hypercorn_config
 from .app import Emulator, EmulatorOptions, create_app
 from .keys import Signer
 
