@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
+from run import tree  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -236,22 +237,10 @@ class Sample:
     sts_fetches: int
 
 
-def family(pid: int) -> list[int]:
-    """``pid`` and its descendants: with ``--workers`` the proxy is a supervisor and its workers."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                todo += [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
-    return out
-
-
 def workers_of(pid: int) -> list[int]:
     """The processes that serve: ``pid`` itself, or with ``--workers`` its multiprocessing children."""
     workers = []
-    for member in family(pid)[1:]:
+    for member in tree(pid)[1:]:
         with contextlib.suppress(OSError):
             if b"multiprocessing.spawn" in Path(f"/proc/{member}/cmdline").read_bytes():
                 workers.append(member)
@@ -260,7 +249,7 @@ def workers_of(pid: int) -> list[int]:
 
 def _fds(pid: int) -> Iterator[str]:
     """Where every open fd of ``pid``'s processes points (``socket:[inode]``, a path, ``pipe:[…]``)."""
-    for member in family(pid):
+    for member in tree(pid):
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{member}/fd"):
                 with contextlib.suppress(OSError):
@@ -269,7 +258,7 @@ def _fds(pid: int) -> Iterator[str]:
 
 def rss_kib(pid: int) -> int:
     total = 0
-    for member in family(pid):
+    for member in tree(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

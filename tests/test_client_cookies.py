@@ -13,7 +13,9 @@ from aws_outbound_jwt_proxy.routing.guard import Guard
 
 async def test_client_cookie_store_ignores_set_cookie() -> None:
     settings = config.load(["--upstream-host", "example.test"], {})
-    client = forward.build_client(ssl.create_default_context(), Guard(()), settings.egress)
+    client = forward.client_for(
+        forward.build_transport(ssl.create_default_context(), Guard(()), settings.egress)
+    )
     try:
         assert isinstance(client.cookies, forward.NoClientCookies)
         request = httpx.Request("GET", "http://example.test/")

@@ -194,16 +194,11 @@ def _transport(
     return transport
 
 
-def build_client(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> httpx.AsyncClient:
-    """The one shared upstream client with every httpx default that is wrong for a proxy off.
+def build_transport(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> EgressTransport:
+    """Every upstream route: the direct pool (and its httpcore fallback), the egress proxies.
 
     ``guard`` checks every address a direct connection goes to; egress proxies are exempt.
     """
-    return client_for(build_transport(tls, guard, egress))
-
-
-def build_transport(tls: ssl.SSLContext, guard: Guard, egress: EgressProxies) -> EgressTransport:
-    """Every upstream route: the direct pool (and its httpcore fallback), the egress proxies."""
     limits = httpx.Limits(
         max_connections=MAX_CONNECTIONS // SHARDS,
         max_keepalive_connections=MAX_KEEPALIVE // SHARDS,

@@ -98,13 +98,11 @@ def remove_stale_metrics_dirs(parent: str) -> None:
     """
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
         for entry in entries:
-            pid_text = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-            if entry.name == pid_text or not pid_text.isdigit() or not entry.is_dir(follow_symlinks=False):
+            if not entry.name.startswith(METRICS_DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
                 continue
-            pid = int(pid_text)
-            if pid != os.getpid() and _running(pid):
-                continue
-            shutil.rmtree(entry.path, ignore_errors=True)
+            pid = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
@@ -113,7 +111,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
 
 
