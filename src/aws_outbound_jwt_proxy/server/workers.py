@@ -179,7 +179,9 @@ def _supervise(settings: Settings, bound: binding.Bound, metrics_path: str | Non
                     stop_workers(signal.SIGKILL)
                     killed = True
             wait([p.sentinel for p in running], timeout)
-            ended = [p for p in running if p.exitcode is not None]
+            # All of them, not just `running`: computing that list reaps a worker that has just
+            # died, and it would never be seen here.
+            ended = [p for p in procs if p.exitcode is not None]
             if ended and stopping is None:  # a worker ended on its own: end the service
                 proc = ended[0]
                 log.error(
